@@ -1,0 +1,24 @@
+//! kvgpt: GPT-2-family inference on candle with a KV cache that is preallocated per session
+//! and written in place. `Model::load` takes a checkpoint directory or a hub id;
+//! `Model::generate` runs prefill and decode with sampling, stop conditions and timings.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+pub mod stream;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{GenerationConfig, Gpt2Config};
+pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
+pub use hub::HubSettings;
+pub use kv_cache::KvCache;
+pub use loader::{DeviceKind, LoadOptions, Model, ModelInfo};
+pub use model::{Gpt2, Logits};
+pub use sampling::SamplingParams;

@@ -1,0 +1,241 @@
+//! GPT-2 on candle ops: wte + wpe, n_layer blocks (ln_1, causal self-attention, ln_2, MLP),
+//! ln_f, and the lm_head (tied to wte unless the config says otherwise).
+
+use crate::config::{Activation, Gpt2Config};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
+use std::collections::HashMap;
+
+/// Which positions get logits: the last one (generation) or all (scoring, parity tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
+
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    scale: f64,
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,     // (vocab, C)
+    wpe: Tensor,     // (n_positions, C)
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor, // (vocab, C)
+    act: candle_nn::Activation,
+    device: Device,
+}
+
+/// Takes named tensors out of the checkpoint map, checking each shape against the config.
+struct Weights<'a> {
+    map: &'a mut HashMap<String, Tensor>,
+}
+
+impl Weights<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| Error::WeightsMismatch(format!("tensor {name} is missing")))?;
+        if t.dims() != shape {
+            return Err(Error::WeightsMismatch(format!(
+                "tensor {name} has shape {:?} but config.json implies {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// HF's Conv1D stores its weight as (in, out); candle's Linear wants (out, in), so it is
+    /// transposed once here, at load.
+    fn conv1d(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[n_in, n_out])?.t()?.contiguous()?;
+        let b = self.take(&format!("{prefix}.bias"), &[n_out])?;
+        Ok(Linear::new(w, Some(b)))
+    }
+
+    fn layer_norm(&mut self, prefix: &str, n: usize, eps: f64) -> Result<LayerNorm> {
+        let w = self.take(&format!("{prefix}.weight"), &[n])?;
+        let b = self.take(&format!("{prefix}.bias"), &[n])?;
+        Ok(LayerNorm::new(w, b, eps))
+    }
+}
+
+impl Gpt2 {
+    /// Builds the model from checkpoint tensors named in the `h.0.attn.c_attn.weight` style.
+    pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon);
+        let lm_head_untied = map.remove("lm_head.weight");
+        let mut w = Weights { map: &mut map };
+        let wte = w.take("wte.weight", &[v, c])?;
+        let wpe = w.take("wpe.weight", &[cfg.n_positions, c])?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("h.{i}");
+            let mut scale = 1.0;
+            if cfg.scale_attn_weights {
+                scale /= (cfg.head_dim() as f64).sqrt();
+            }
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            blocks.push(Block {
+                ln_1: w.layer_norm(&format!("{p}.ln_1"), c, eps)?,
+                attn: Attention {
+                    c_attn: w.conv1d(&format!("{p}.attn.c_attn"), c, 3 * c)?,
+                    c_proj: w.conv1d(&format!("{p}.attn.c_proj"), c, c)?,
+                    n_head: cfg.n_head,
+                    scale,
+                },
+                ln_2: w.layer_norm(&format!("{p}.ln_2"), c, eps)?,
+                c_fc: w.conv1d(&format!("{p}.mlp.c_fc"), c, cfg.n_inner)?,
+                mlp_proj: w.conv1d(&format!("{p}.mlp.c_proj"), cfg.n_inner, c)?,
+            });
+        }
+        let ln_f = w.layer_norm("ln_f", c, eps)?;
+        if let Some(extra) = map.keys().find(|k| k.starts_with("h.")) {
+            return Err(Error::WeightsMismatch(format!(
+                "tensor {extra} is not used by a {}-layer config",
+                cfg.n_layer
+            )));
+        }
+        let lm_head = match (cfg.tie_word_embeddings, lm_head_untied) {
+            (false, Some(t)) if t.dims() == [v, c] => t,
+            (false, Some(t)) => {
+                return Err(Error::WeightsMismatch(format!(
+                    "lm_head.weight has shape {:?}, expected {:?}",
+                    t.dims(),
+                    [v, c]
+                )))
+            }
+            (false, None) => {
+                return Err(Error::WeightsMismatch(
+                    "tie_word_embeddings is false but lm_head.weight is missing".into(),
+                ))
+            }
+            (true, _) => wte.clone(),
+        };
+        let act = match cfg.activation {
+            Activation::GeluTanh => candle_nn::Activation::NewGelu,
+            Activation::GeluErf => candle_nn::Activation::Gelu,
+            Activation::Relu => candle_nn::Activation::Relu,
+            Activation::Silu => candle_nn::Activation::Silu,
+        };
+        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head, act, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// Runs `ids` (B, T), whose first position is `pos`, through the model. With a cache, the
+    /// new K/V are written in place and attention covers the cache's filled part; `pos` must
+    /// then equal `cache.len()`. Without one, the sequence attends to itself only.
+    /// Returns logits (B, vocab) for `Logits::Last`, (B, T, vocab) for `Logits::All`.
+    pub fn forward(&self, ids: &Tensor, pos: usize, mut cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.cfg.n_embd;
+        if t == 0 {
+            return Err(Error::InvalidInput("forward needs at least one token".into()));
+        }
+        if pos + t > self.cfg.n_positions {
+            return Err(Error::InvalidInput(format!(
+                "positions {pos}..{} exceed the model's context of {} (n_positions)",
+                pos + t,
+                self.cfg.n_positions
+            )));
+        }
+        if let Some(cache) = cache.as_deref() {
+            if cache.len() != pos {
+                return Err(Error::InvalidInput(format!(
+                    "position {pos} does not follow the cache's {} filled positions",
+                    cache.len()
+                )));
+            }
+            cache.check_room(t)?;
+        }
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
+        let pe = self.wpe.narrow(0, pos, t)?; // (T, C)
+        let mut x = tok.broadcast_add(&pe)?;
+        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = block.ln_1.forward(&x)?;
+            let h = block.attn.forward(&h, i, cache.as_deref(), mask.as_ref())?;
+            x = (x + h)?;
+            let h = block.ln_2.forward(&x)?;
+            let h = block.mlp_proj.forward(&block.c_fc.forward(&h)?.apply(&self.act)?)?;
+            x = (x + h)?;
+        }
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.advance(t);
+        }
+        let x = match which {
+            Logits::Last => x.narrow(1, t - 1, 1)?, // (B, 1, C)
+            Logits::All => x,
+        };
+        let x = self.ln_f.forward(&x)?;
+        let logits = x.broadcast_matmul(&self.lm_head.t()?)?; // (B, T or 1, vocab)
+        Ok(match which {
+            Logits::Last => logits.squeeze(1)?,
+            Logits::All => logits,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, layer: usize, cache: Option<&KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (nh, hs) = (self.n_head, c / self.n_head);
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let split = |i: usize| -> Result<Tensor> {
+            // (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
+            Ok(qkv.narrow(2, i * c, c)?.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (k, v) = match cache {
+            Some(cache) => cache.write(layer, &k, &v)?, // (B, nh, L, hs), L = filled + T
+            None => (k, v),
+        };
+        let att = (q.matmul(&k.t()?)? * self.scale)?; // (B, nh, T, L)
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (B, nh, T, hs)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        Ok(self.c_proj.forward(&y)?)
+    }
+}
+
+/// (T, pos + T) additive mask: query i (absolute position pos + i) sees keys 0..=pos + i.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let l = pos + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, l), device)?)
+}

@@ -1,0 +1,99 @@
+//! Logits and greedy ids against HF transformers' references (test/fixtures/*/reference.*):
+//! f32 logits within 1e-4, greedy ids identical, with the KV cache on and off.
+
+mod common;
+use candle_core::{Tensor, D};
+use common::*;
+use kvgpt::{KvCache, Logits};
+
+const TOL: f32 = 1e-4;
+
+/// Checks every prompt of a fixture: last-position logits, the logits of the first and last
+/// greedy steps (computed through the KV cache), and greedy ids with the cache on and off.
+fn check_fixture(name: &str) {
+    let model = load(name);
+    let reference = reference_json(name);
+    let logits = reference_logits(name);
+    let n_new = reference["n_new"].as_u64().unwrap() as usize;
+    let dev = model.gpt2().device().clone();
+    for (i, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&p["input_ids"]);
+        let expected = ids(&p["greedy_new_ids"]);
+        let input = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+
+        let last = model.gpt2().forward(&input, 0, None, Logits::Last).unwrap().squeeze(0).unwrap();
+        let d = max_abs_diff(&last, &logits[&format!("prompt{i}.logits_last")]);
+        assert!(d < TOL, "{name} prompt{i} logits_last max diff {d}");
+        let d0 = max_abs_diff(&last, &logits[&format!("prompt{i}.step0.logits")]);
+        assert!(d0 < TOL, "{name} prompt{i} step0 max diff {d0}");
+
+        // Feed the reference greedy ids one at a time through a preallocated cache; the
+        // logits of the last step must match HF's, and each step's max logit too.
+        let cfg = model.config();
+        let mut cache = KvCache::new(cfg, 1, prompt.len() + n_new, model.gpt2().dtype(), &dev).unwrap();
+        let (k_before, _) = cache.layer_buffers(0);
+        let k_ptr = format!("{:?}", k_before.id());
+        let mut step = model.gpt2().forward(&input, 0, Some(&mut cache), Logits::Last).unwrap();
+        let max_logits: Vec<f64> = p["greedy_step_max_logit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (s, &tok) in expected.iter().enumerate().take(n_new - 1) {
+            let m = step.max(D::Minus1).unwrap().squeeze(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!((m as f64 - max_logits[s]).abs() < TOL as f64, "{name} prompt{i} step{s} max logit {m} vs {}", max_logits[s]);
+            let pos = prompt.len() + s;
+            let x = Tensor::new(&[tok], &dev).unwrap().unsqueeze(0).unwrap();
+            step = model.gpt2().forward(&x, pos, Some(&mut cache), Logits::Last).unwrap();
+        }
+        assert_eq!(format!("{:?}", cache.layer_buffers(0).0.id()), k_ptr, "the cache buffer was replaced");
+        assert_eq!(cache.len(), prompt.len() + n_new - 1);
+        let key = format!("prompt{i}.step{}.logits", n_new - 1);
+        let d = max_abs_diff(&step.squeeze(0).unwrap(), &logits[&key]);
+        assert!(d < TOL, "{name} {key} max diff {d}");
+
+        for use_cache in [true, false] {
+            let g = run(&model, &prompt, &greedy(n_new, use_cache));
+            assert_eq!(g.tokens, expected, "{name} prompt{i} greedy ids, use_cache={use_cache}");
+        }
+    }
+    // All positions of prompt 0 (the scoring path, T > 1 with the causal mask).
+    let p0 = ids(&reference["prompts"][0]["input_ids"]);
+    let input = Tensor::new(p0.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let all = model.gpt2().forward(&input, 0, None, Logits::All).unwrap().squeeze(0).unwrap();
+    let d = max_abs_diff(&all, &logits["prompt0.logits_all"]);
+    assert!(d < TOL, "{name} prompt0 logits_all max diff {d}");
+    // HF's loss with labels=input_ids: mean cross-entropy of positions 1.. given the previous.
+    let lsm = candle_nn::ops::log_softmax(&all, D::Minus1).unwrap();
+    let mut nll = 0f64;
+    for t in 0..p0.len() - 1 {
+        nll -= lsm.get(t).unwrap().get(p0[t + 1] as usize).unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    let loss = nll / (p0.len() - 1) as f64;
+    let expected = reference["prompts"][0]["loss"].as_f64().unwrap();
+    assert!((loss - expected).abs() < 1e-4, "{name} loss {loss} vs {expected}");
+}
+
+#[test]
+fn tiny_gpt2_matches_hf() {
+    check_fixture("tiny-gpt2");
+}
+
+#[test]
+fn tiny_gpt2_zh_from_pytorch_bin_matches_hf() {
+    check_fixture("tiny-gpt2-zh");
+    let model = load("tiny-gpt2-zh");
+    assert!(model.info().weights_file.ends_with("pytorch_model.bin"));
+}
+
+#[test]
+fn prefill_in_chunks_equals_one_prefill() {
+    // Writing the cache in two pieces (T > 1 at pos > 0) must give the same logits.
+    let model = load("tiny-gpt2");
+    let dev = model.gpt2().device().clone();
+    let prompt: Vec<u32> = vec![464, 509, 53, 12940, 7000, 8251, 290, 3815];
+    let whole = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let expected = model.gpt2().forward(&whole, 0, None, Logits::Last).unwrap();
+    let mut cache = KvCache::new(model.config(), 1, 16, model.gpt2().dtype(), &dev).unwrap();
+    let a = Tensor::new(&prompt[..5], &dev).unwrap().unsqueeze(0).unwrap();
+    let b = Tensor::new(&prompt[5..], &dev).unwrap().unsqueeze(0).unwrap();
+    model.gpt2().forward(&a, 0, Some(&mut cache), Logits::Last).unwrap();
+    let got = model.gpt2().forward(&b, 5, Some(&mut cache), Logits::Last).unwrap();
+    assert!(max_abs_diff(&got, &expected) < 1e-5);
+}
