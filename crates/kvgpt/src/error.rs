@@ -47,6 +47,10 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// The model was disposed; every later call gets this.
+    #[error("the model was disposed; load it again to use it")]
+    Disposed,
+
     /// A failure inside candle while running the model.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -66,6 +70,7 @@ impl Error {
             Error::InvalidInput(_) => "KVGPT_INVALID_INPUT",
             Error::OptionOutOfRange { .. } => "KVGPT_OPTION_RANGE",
             Error::Device(_) => "KVGPT_DEVICE",
+            Error::Disposed => "KVGPT_DISPOSED",
             Error::Candle(_) => "KVGPT_INTERNAL",
         }
     }

@@ -45,3 +45,43 @@ pub fn greedy(max_new_tokens: usize, use_cache: bool) -> GenerateOptions {
 pub fn run(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Generation {
     model.generate(prompt, opts, &AtomicBool::new(false), &mut |_| {}).unwrap()
 }
+
+/// A directory under the system temp dir, unique per process and call, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kvgpt-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies `files` of fixture `name` into `dest` (created if needed).
+pub fn copy_fixture_files(name: &str, files: &[&str], dest: &std::path::Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    for f in files {
+        std::fs::copy(fixture(name).join(f), dest.join(f)).unwrap();
+    }
+}
+
+/// Greedy ids of prompt `i` in a fixture's reference.json, with that prompt's input ids.
+pub fn reference_prompt(name: &str, i: usize) -> (Vec<u32>, Vec<u32>) {
+    let r = reference_json(name);
+    let p = &r["prompts"][i];
+    (ids(&p["input_ids"]), ids(&p["greedy_new_ids"]))
+}

@@ -1,0 +1,181 @@
+//! The `NativeModel` class (a loaded model shared by its generations), `loadModel`, and
+//! `CancelToken`, the flag an AbortSignal sets.
+
+use crate::error::{to_napi, IntoNapi};
+use crate::options::{NativeGenerateOptions, NativeLoadOptions};
+use crate::tasks::{GenerateTask, LoadTask, TokenCallback};
+use kvgpt::{DeviceKind, Error, LoadOptions, Model};
+use napi::bindgen_prelude::{AsyncTask, Either};
+use napi_derive::napi;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// Loads a model directory or hub id off the JS thread.
+#[napi(ts_return_type = "Promise<NativeModel>")]
+pub fn load_model(model: String, options: Option<NativeLoadOptions>) -> napi::Result<AsyncTask<LoadTask>> {
+    let device = match options.and_then(|o| o.device) {
+        Some(d) => DeviceKind::parse(&d).napi()?,
+        None => DeviceKind::Cpu,
+    };
+    Ok(AsyncTask::new(LoadTask { model, options: LoadOptions { device, hub: None } }))
+}
+
+/// Set by an AbortSignal; the token loop checks it between steps.
+#[napi]
+pub struct CancelToken {
+    pub(crate) flag: Arc<AtomicBool>,
+}
+
+#[napi]
+impl CancelToken {
+    #[napi(constructor)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self { flag: Arc::new(AtomicBool::new(false)) }
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    #[napi(getter)]
+    pub fn cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
+#[napi(object)]
+pub struct NativeModelInfo {
+    pub n_layer: u32,
+    pub n_head: u32,
+    pub n_embd: u32,
+    pub n_inner: u32,
+    pub n_positions: u32,
+    pub vocab_size: u32,
+    pub activation_function: String,
+    pub layer_norm_epsilon: f64,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub parameter_count: f64,
+    /// KV-cache bytes for one position of one sequence.
+    pub cache_bytes_per_token: f64,
+    pub device: String,
+    pub dtype: String,
+    pub load_ms: f64,
+    pub dir: String,
+    pub weights_file: String,
+    pub has_tokenizer: bool,
+}
+
+#[napi]
+pub struct NativeModel {
+    inner: RwLock<Option<Arc<Model>>>,
+}
+
+impl NativeModel {
+    pub(crate) fn new(model: Model) -> Self {
+        Self { inner: RwLock::new(Some(Arc::new(model))) }
+    }
+
+    fn get(&self) -> napi::Result<Arc<Model>> {
+        let guard = self.inner.read().map_err(|_| to_napi(Error::Disposed))?;
+        guard.clone().ok_or_else(|| to_napi(Error::Disposed))
+    }
+}
+
+/// JS numbers to token ids: each must be an integer in [0, 2^32).
+fn to_ids(ids: &[f64]) -> kvgpt::Result<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v.is_finite() && v.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(Error::InvalidInput(format!("token id at index {i} must be a non-negative integer, got {v}")))
+            }
+        })
+        .collect()
+}
+
+#[napi]
+impl NativeModel {
+    #[napi]
+    pub fn info(&self) -> napi::Result<NativeModelInfo> {
+        let model = self.get()?;
+        let info = model.info();
+        let c = &info.config;
+        Ok(NativeModelInfo {
+            n_layer: c.n_layer as u32,
+            n_head: c.n_head as u32,
+            n_embd: c.n_embd as u32,
+            n_inner: c.n_inner as u32,
+            n_positions: c.n_positions as u32,
+            vocab_size: c.vocab_size as u32,
+            activation_function: c.activation_function.clone(),
+            layer_norm_epsilon: c.layer_norm_epsilon,
+            tie_word_embeddings: c.tie_word_embeddings,
+            bos_token_id: c.bos_token_id,
+            eos_token_ids: c.eos_token_ids.clone(),
+            parameter_count: info.parameter_count as f64,
+            cache_bytes_per_token: info.cache_bytes_per_token as f64,
+            device: info.device.clone(),
+            dtype: info.dtype.clone(),
+            load_ms: info.load_ms,
+            dir: info.dir.display().to_string(),
+            weights_file: info.weights_file.display().to_string(),
+            has_tokenizer: model.tokenizer().is_ok(),
+        })
+    }
+
+    /// KV-cache bytes for `positions` x `batch` in this model's dtype (the seed's formula).
+    #[napi]
+    pub fn cache_bytes(&self, positions: u32, batch: u32) -> napi::Result<f64> {
+        let model = self.get()?;
+        let bytes = model.info().cache_bytes_per_token;
+        Ok(bytes as f64 * positions as f64 * batch as f64)
+    }
+
+    #[napi]
+    pub fn tokenize(&self, text: String) -> napi::Result<Vec<u32>> {
+        self.get()?.tokenize(&text).napi()
+    }
+
+    #[napi]
+    pub fn decode(&self, ids: Vec<f64>) -> napi::Result<String> {
+        let model = self.get()?;
+        model.decode(&to_ids(&ids).napi()?).napi()
+    }
+
+    /// Starts a generation on the libuv pool. Options are checked here, before any work.
+    #[napi(ts_return_type = "Promise<NativeGeneration>")]
+    pub fn generate(
+        &self,
+        prompt: Either<String, Vec<f64>>,
+        options: Option<NativeGenerateOptions>,
+        cancel: &CancelToken,
+        #[napi(ts_arg_type = "((chunk: NativeTokenChunk) => void) | undefined | null")] on_token: Option<TokenCallback>,
+    ) -> napi::Result<AsyncTask<GenerateTask>> {
+        let model = self.get()?;
+        let opts = options.unwrap_or_default().resolve(&model).napi()?;
+        let prompt = match prompt {
+            Either::A(text) => Either::A(text),
+            Either::B(ids) => Either::B(to_ids(&ids).napi()?),
+        };
+        Ok(AsyncTask::new(GenerateTask { model, prompt, opts, cancel: cancel.flag.clone(), on_token }))
+    }
+
+    /// Releases the weights once running generations finish; later calls fail with KVGPT_DISPOSED.
+    #[napi]
+    pub fn dispose(&self) {
+        if let Ok(mut guard) = self.inner.write() {
+            guard.take();
+        }
+    }
+
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.read().map(|g| g.is_none()).unwrap_or(true)
+    }
+}

@@ -1,0 +1,159 @@
+// The Gpt2 class: load, generate, stream, tokenize/decode, info, dispose. Every heavy call runs
+// in the native core off the JS thread; this file adds promises, AbortSignal, AsyncIterable
+// streaming, Symbol.dispose, and typed errors.
+
+import { CancelToken, loadModel, type NativeModel, type NativeModelInfo, type NativeTokenChunk } from '../index.js';
+import { fromNative, KvgptError, native, optionTypeError } from './errors';
+import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
+import { deriveTimings } from './timing';
+
+export type Device = 'cpu' | 'cuda' | 'auto';
+
+export interface LoadOptions {
+  /** 'cpu' (default), 'cuda', or 'auto' (CUDA when the CUDA build and a GPU are present, else CPU). */
+  device?: Device;
+}
+
+export type ModelInfo = NativeModelInfo;
+
+/** A streamed generation: iterate it for tokens; `result` resolves when it ends. */
+export interface GenerationStream extends AsyncIterable<TokenChunk> {
+  readonly result: Promise<GenerateResult>;
+}
+
+export class Gpt2 implements Disposable {
+  readonly #native: NativeModel;
+  readonly #info: ModelInfo;
+
+  private constructor(nativeModel: NativeModel) {
+    this.#native = nativeModel;
+    this.#info = native(() => nativeModel.info());
+  }
+
+  /** Loads a checkpoint directory (config.json + weights + tokenizer) or a Hugging Face hub id. */
+  static async load(model: string, options: LoadOptions = {}): Promise<Gpt2> {
+    if (typeof model !== 'string') throw optionTypeError(`model must be a directory or hub id string, got ${typeof model}`);
+    if (typeof options !== 'object' || options === null) throw optionTypeError('load options must be an object');
+    const known = ['device'];
+    for (const key of Object.keys(options)) {
+      if (!known.includes(key)) throw optionTypeError(`unknown load option ${JSON.stringify(key)}; known options: ${known.join(', ')}`);
+    }
+    if (options.device !== undefined && typeof options.device !== 'string') {
+      throw optionTypeError(`option device must be 'cpu', 'cuda' or 'auto', got ${typeof options.device}`);
+    }
+    try {
+      return new Gpt2(await loadModel(model, { device: options.device }));
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /** Config, parameter count, KV-cache bytes per token, device, load time. */
+  get info(): ModelInfo {
+    this.#check();
+    return this.#info;
+  }
+
+  get disposed(): boolean {
+    return this.#native.disposed;
+  }
+
+  /** KV-cache bytes for `positions` x `batch`: 2 x n_layer x n_embd x positions x batch x bytes per element. */
+  cacheBytes(positions: number, batch = 1): number {
+    return native(() => this.#native.cacheBytes(positions, batch));
+  }
+
+  tokenize(text: string): number[] {
+    if (typeof text !== 'string') throw optionTypeError(`text must be a string, got ${typeof text}`);
+    return native(() => this.#native.tokenize(text));
+  }
+
+  decode(ids: readonly number[]): string {
+    if (!Array.isArray(ids)) throw optionTypeError('ids must be an array of token ids');
+    return native(() => this.#native.decode([...ids]));
+  }
+
+  /** Generates from a text or token-id prompt and resolves with the whole result. */
+  async generate(prompt: string | readonly number[], options?: GenerateOptions): Promise<GenerateResult> {
+    return this.#run(prompt, options, undefined);
+  }
+
+  /** Generates and yields each token with the text it completes, as soon as it is sampled. */
+  stream(prompt: string | readonly number[], options?: GenerateOptions): GenerationStream {
+    const queue: TokenChunk[] = [];
+    let wake: (() => void) | undefined;
+    let received = 0;
+    let finished: { result?: GenerateResult; error?: unknown } | undefined;
+    const cancel = new CancelToken();
+    const result = this.#run(prompt, options, (c) => {
+      received++;
+      queue.push({ token: c.token, text: c.text });
+      wake?.();
+    }, cancel);
+    result.then(
+      (r) => { finished = { result: r }; wake?.(); },
+      (e) => { finished = { error: e }; wake?.(); },
+    );
+    async function* iterate(): AsyncGenerator<TokenChunk> {
+      try {
+        for (;;) {
+          if (queue.length > 0) {
+            yield queue.shift()!;
+            continue;
+          }
+          // Token events and the final result travel separately; end only when every token arrived.
+          if (finished?.error) throw finished.error;
+          if (finished?.result && received >= finished.result.tokens.length) return;
+          await new Promise<void>((resolve) => { wake = resolve; });
+          wake = undefined;
+        }
+      } finally {
+        if (!finished) cancel.cancel(); // the consumer stopped early
+      }
+    }
+    return { result, [Symbol.asyncIterator]: iterate };
+  }
+
+  async #run(
+    prompt: string | readonly number[],
+    options: GenerateOptions | undefined,
+    onToken: ((c: NativeTokenChunk) => void) | undefined,
+    cancel = new CancelToken(),
+  ): Promise<GenerateResult> {
+    this.#check();
+    const p = checkPrompt(prompt);
+    const nativeOptions = toNativeOptions(options);
+    const signal = options?.signal;
+    const onAbort = () => cancel.cancel();
+    if (signal?.aborted) cancel.cancel();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      const g = await native(() => this.#native.generate(p, nativeOptions, cancel, onToken));
+      return {
+        text: g.text ?? '',
+        tokens: g.tokens,
+        promptTokens: g.promptTokens,
+        stopReason: g.stopReason as StopReason,
+        timings: deriveTimings(g.timings, this.#info.loadMs),
+        cacheBytes: g.cacheBytes,
+      };
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Frees the weights (after running generations end); every later call throws KVGPT_DISPOSED. */
+  dispose(): void {
+    this.#native.dispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  #check(): void {
+    if (this.#native.disposed) throw new KvgptError('KVGPT_DISPOSED', 'the model was disposed; load it again to use it');
+  }
+}

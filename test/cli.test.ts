@@ -1,0 +1,56 @@
+import { describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { reference, TINY } from './helpers';
+
+const CLI = join(__dirname, '..', 'dist', 'cli.js');
+const ref = reference(TINY);
+
+function kvgpt(...args: string[]) {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('kvgpt generate', () => {
+  it('--json prints the 40 reference ids (the README main command)', () => {
+    const r = kvgpt('generate', '--model', TINY, '--max-new-tokens', '40', '--ignore-eos', '--json', 'Hello, my dog is cute');
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout);
+    expect(out.tokens).toEqual(ref.prompts[0].greedy_new_ids);
+    expect(out.text).toBe(ref.prompts[0].greedy_text.slice(ref.prompts[0].prompt.length));
+    expect(out.stopReason).toBe('max_new_tokens');
+    expect(out.timings.generatedTokens).toBe(40);
+  });
+
+  it('streams the text to stdout, and --no-kv-cache gives the same text', () => {
+    const p = ref.prompts[1];
+    const expected = p.greedy_text.slice(p.prompt.length) + '\n';
+    const on = kvgpt('generate', '-m', TINY, '-n', '40', '--ignore-eos', p.prompt);
+    const off = kvgpt('generate', '-m', TINY, '-n', '40', '--ignore-eos', '--no-kv-cache', p.prompt);
+    expect(on.stdout).toBe(expected);
+    expect(off.stdout).toBe(expected);
+    expect(on.stderr).toMatch(/\[max_new_tokens\] 8 prompt \+ 40 new tokens/);
+  });
+
+  it('--stop, --seed and sampling flags reach the generator', () => {
+    const p = ref.prompts[0];
+    const r = kvgpt('generate', '-m', TINY, '-n', '40', '--ignore-eos', '--stop', ' Gould', '--json', p.prompt);
+    const out = JSON.parse(r.stdout);
+    expect(out.stopReason).toBe('stop_string');
+    expect(out.text).toBe(' guides meg obedient obedient 157 prof Objective tips Downloads');
+    const args = ['generate', '-m', TINY, '-n', '20', '--ignore-eos', '--temperature', '0.8', '--top-k', '20', '--top-p', '0.9', '--seed', '5', '--json', p.prompt];
+    expect(JSON.parse(kvgpt(...args).stdout).tokens).toEqual(JSON.parse(kvgpt(...args).stdout).tokens);
+  });
+
+  it('bad options exit 2 with the allowed range; a missing model exits 1 naming the file', () => {
+    const r = kvgpt('generate', '-m', TINY, '--top-p', '2', 'x');
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/topP must be in \(0, 1\]/);
+    const nan = kvgpt('generate', '-m', TINY, '--temperature', 'hot', 'x');
+    expect(nan.code).not.toBe(0);
+    expect(nan.stderr).toMatch(/--temperature must be a number/);
+    const missing = kvgpt('generate', '-m', join(TINY, '..', 'gpt2-tokenizer'), 'x');
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/config.json not found: .*gpt2-tokenizer.*KVGPT_FILE_NOT_FOUND/);
+  });
+});
