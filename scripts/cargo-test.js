@@ -3,6 +3,8 @@
 const { execFileSync, spawnSync } = require('node:child_process');
 
 const host = /host: (\S+)/.exec(execFileSync('rustc', ['-vV']).toString())[1];
-const args = ['test', '--release', '-p', 'kvgpt', '--target', host, ...process.argv.slice(2)];
+// --workspace (not -p kvgpt): selecting the binding crate too keeps feature resolution, and so every
+// dependency hash, identical to napi build's.
+const args = ['test', '--release', '--workspace', '--target', host, ...process.argv.slice(2)];
 const r = spawnSync('cargo', args, { stdio: 'inherit' });
 process.exit(r.status ?? 1);

@@ -6,6 +6,8 @@ import { Command, InvalidArgumentError } from 'commander';
 import { Gpt2, type Device } from './model';
 import type { GenerateOptions } from './generate';
 import { KvgptError } from './errors';
+import { availableParallelism } from 'node:os';
+import { formatTable, readResults, runBench, writeResults, type BenchOptions } from './bench';
 
 function num(name: string) {
   return (v: string): number => {
@@ -63,6 +65,30 @@ async function generate(prompt: string, flags: GenerateFlags): Promise<void> {
   );
 }
 
+function list(v: string): number[] {
+  const xs = v.split(',').map((x) => Number(x.trim()));
+  if (!xs.length || xs.some((x) => !Number.isInteger(x))) throw new InvalidArgumentError(`--lengths must be integers separated by commas, got ${JSON.stringify(v)}`);
+  return xs;
+}
+
+interface BenchFlags extends Omit<BenchOptions, 'progress' | 'model'> {
+  model?: string;
+  progress: boolean;
+}
+
+async function bench(flags: BenchFlags): Promise<void> {
+  if (!Number.isInteger(flags.threads) || flags.threads < 1) throw new RangeError(`--threads must be an integer >= 1, got ${flags.threads}`);
+  if (!Number.isInteger(flags.repetitions) || flags.repetitions < 1) throw new RangeError(`--repetitions must be an integer >= 1, got ${flags.repetitions}`);
+  if (!['on', 'off', 'both'].includes(flags.cache)) throw new RangeError(`--cache must be on, off or both, got ${flags.cache}`);
+  // candle's CPU kernels size their thread pool from this, read when the first model runs.
+  process.env.RAYON_NUM_THREADS = String(flags.threads);
+  const hf = flags.compare ? readResults(flags.compare) : undefined;
+  const result = await runBench({ ...flags, progress: flags.progress && process.stderr.isTTY === true }, (l) => process.stderr.write(l + '\n'));
+  process.stdout.write(formatTable(result, hf) + '\n');
+  const files = await writeResults(result, flags);
+  process.stderr.write(`wrote ${files.join(', ')}\n`);
+}
+
 export function main(argv: string[]): Promise<void> {
   const program = new Command('kvgpt').description('GPT-2 inference with an in-place KV cache').showHelpAfterError();
   program
@@ -82,6 +108,23 @@ export function main(argv: string[]): Promise<void> {
     .option('--no-kv-cache', 'recompute the whole sequence each step')
     .option('--json', 'print one JSON object {tokens, text, stopReason, timings}')
     .action(generate);
+  program
+    .command('bench')
+    .description("the KV-cache experiment: greedy generation to total length L, cache on and off, beside the seed article's HF figures")
+    .option('-m, --model <dir|id>', 'model directory or hub id (default: GPT-2 small shapes with seeded random weights)')
+    .option('--lengths <list>', 'total lengths L, comma-separated', list, [10, 110, 310, 510, 710, 910])
+    .option('--cache <mode>', 'on, off or both', 'both')
+    .option('-r, --repetitions <n>', 'runs per row (the median is reported)', num('--repetitions'), 1)
+    .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
+    .option('--dtype <dtype>', 'weights dtype (f32)', 'f32')
+    .option('--threads <n>', 'CPU threads for the tensor kernels', num('--threads'), availableParallelism())
+    .option('--seed <s>', 'seed of the random weights', num('--seed'), 0)
+    .option('--prompt-tokens <n>', 'prompt length', num('--prompt-tokens'), 5)
+    .option('-o, --out <dir>', 'where to write kvgpt-bench.json and the charts', 'bench/results')
+    .option('--png', 'also write the charts as PNG')
+    .option('--compare <hf.json>', 'results of bench/hf/bench_hf.py to print kvgpt/HF ratios against')
+    .option('--no-progress', 'no progress bar')
+    .action(bench);
   return program.parseAsync(argv).then(() => undefined);
 }
 

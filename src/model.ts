@@ -2,7 +2,7 @@
 // in the native core off the JS thread; this file adds promises, AbortSignal, AsyncIterable
 // streaming, Symbol.dispose, and typed errors.
 
-import { CancelToken, loadModel, type NativeModel, type NativeModelInfo, type NativeTokenChunk } from '../index.js';
+import { CancelToken, loadModel, loadRandom, type NativeModel, type NativeModelInfo, type NativeSession, type NativeTokenChunk } from '../index.js';
 import { fromNative, KvgptError, native, optionTypeError } from './errors';
 import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
 import { deriveTimings } from './timing';
@@ -15,6 +15,46 @@ export interface LoadOptions {
 }
 
 export type ModelInfo = NativeModelInfo;
+
+/** HF config.json fields for `Gpt2.random`; omitted ones take GPT-2 small's values. */
+export interface RandomConfig {
+  n_layer?: number;
+  n_head?: number;
+  n_embd?: number;
+  n_positions?: number;
+  n_inner?: number | null;
+  vocab_size?: number;
+  activation_function?: string;
+}
+
+export const GPT2_SMALL = { n_layer: 12, n_head: 12, n_embd: 768, n_positions: 1024, vocab_size: 50257 } as const;
+
+/** One sequence held across calls, its KV cache allocated once; feed it ids one step at a time. */
+export class Session {
+  readonly #native: NativeSession;
+  constructor(nativeSession: NativeSession) {
+    this.#native = nativeSession;
+  }
+  /** Appends ids, runs the forward pass off the JS thread, resolves with the most likely next id. */
+  async feed(ids: readonly number[]): Promise<number> {
+    if (!Array.isArray(ids) || ids.length === 0) throw optionTypeError('feed takes a non-empty array of token ids');
+    try {
+      return await native(() => this.#native.feed([...ids]));
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+  /** Keeps the first `length` tokens and forgets the rest (the cache stays allocated). */
+  truncate(length: number): void {
+    native(() => this.#native.truncate(length));
+  }
+  get length(): number {
+    return native(() => this.#native.length);
+  }
+  get cacheBytes(): number {
+    return native(() => this.#native.cacheBytes);
+  }
+}
 
 /** A streamed generation: iterate it for tokens; `result` resolves when it ends. */
 export interface GenerationStream extends AsyncIterable<TokenChunk> {
@@ -46,6 +86,27 @@ export class Gpt2 implements Disposable {
     } catch (e) {
       throw fromNative(e);
     }
+  }
+
+  /**
+   * A model of GPT-2 small's shapes (or `config`'s) with seeded random weights and no tokenizer:
+   * for benchmarks, whose timings do not depend on the weights. Pass token ids to it.
+   */
+  static async random(config: RandomConfig = {}, options: LoadOptions & { seed?: number } = {}): Promise<Gpt2> {
+    const { seed = 0, ...load } = options;
+    const json = JSON.stringify({ model_type: 'gpt2', activation_function: 'gelu_new', bos_token_id: 50256, eos_token_id: 50256, ...GPT2_SMALL, ...config });
+    try {
+      return new Gpt2(await loadRandom(json, seed, { device: load.device }));
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /** A session for at most `capacity` positions (default: the model's context). */
+  session(options: { capacity?: number; useCache?: boolean } = {}): Session {
+    this.#check();
+    const capacity = options.capacity ?? this.#info.nPositions;
+    return new Session(native(() => this.#native.session(capacity, options.useCache ?? true)));
   }
 
   /** Config, parameter count, KV-cache bytes per token, device, load time. */

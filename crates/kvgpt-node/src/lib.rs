@@ -4,4 +4,5 @@
 mod error;
 mod model;
 mod options;
+mod session;
 mod tasks;

@@ -3,7 +3,8 @@
 
 use crate::error::{to_napi, IntoNapi};
 use crate::options::{NativeGenerateOptions, NativeLoadOptions};
-use crate::tasks::{GenerateTask, LoadTask, TokenCallback};
+use crate::session::NativeSession;
+use crate::tasks::{GenerateTask, LoadTask, RandomTask, TokenCallback};
 use kvgpt::{DeviceKind, Error, LoadOptions, Model};
 use napi::bindgen_prelude::{AsyncTask, Either};
 use napi_derive::napi;
@@ -18,6 +19,22 @@ pub fn load_model(model: String, options: Option<NativeLoadOptions>) -> napi::Re
         None => DeviceKind::Cpu,
     };
     Ok(AsyncTask::new(LoadTask { model, options: LoadOptions { device, hub: None } }))
+}
+
+/// Builds a model of a config's shapes (HF config.json text; GPT-2 small when omitted) with
+/// seeded random weights, for benchmarks.
+#[napi(ts_return_type = "Promise<NativeModel>")]
+pub fn load_random(config_json: Option<String>, seed: f64, options: Option<NativeLoadOptions>) -> napi::Result<AsyncTask<RandomTask>> {
+    let config = match config_json {
+        Some(text) => kvgpt::Gpt2Config::from_json(&text).napi()?,
+        None => kvgpt::Gpt2Config::gpt2_small(),
+    };
+    let seed = crate::options::whole("seed", seed, 9007199254740991.0).napi()?;
+    let device = match options.and_then(|o| o.device) {
+        Some(d) => DeviceKind::parse(&d).napi()?,
+        None => DeviceKind::Cpu,
+    };
+    Ok(AsyncTask::new(RandomTask { config, seed, device }))
 }
 
 /// Set by an AbortSignal; the token loop checks it between steps.
@@ -86,7 +103,7 @@ impl NativeModel {
 }
 
 /// JS numbers to token ids: each must be an integer in [0, 2^32).
-fn to_ids(ids: &[f64]) -> kvgpt::Result<Vec<u32>> {
+pub(crate) fn to_ids(ids: &[f64]) -> kvgpt::Result<Vec<u32>> {
     ids.iter()
         .enumerate()
         .map(|(i, &v)| {
@@ -164,6 +181,12 @@ impl NativeModel {
             Either::B(ids) => Either::B(to_ids(&ids).napi()?),
         };
         Ok(AsyncTask::new(GenerateTask { model, prompt, opts, cancel: cancel.flag.clone(), on_token }))
+    }
+
+    /// A session of at most `capacity` positions, its KV cache allocated now (with `use_cache`).
+    #[napi]
+    pub fn session(&self, capacity: u32, use_cache: bool) -> napi::Result<NativeSession> {
+        NativeSession::new(self.get()?, capacity as usize, use_cache)
     }
 
     /// Releases the weights once running generations finish; later calls fail with KVGPT_DISPOSED.

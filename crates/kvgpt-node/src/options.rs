@@ -31,7 +31,7 @@ pub struct NativeGenerateOptions {
 }
 
 /// A JS number that must be a whole number in `0..=max`.
-fn whole(name: &'static str, v: f64, max: f64) -> kvgpt::Result<u64> {
+pub(crate) fn whole(name: &'static str, v: f64, max: f64) -> kvgpt::Result<u64> {
     if v.is_finite() && v.fract() == 0.0 && (0.0..=max).contains(&v) {
         Ok(v as u64)
     } else {

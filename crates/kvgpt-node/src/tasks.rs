@@ -37,6 +37,25 @@ impl Task for LoadTask {
     }
 }
 
+pub struct RandomTask {
+    pub config: kvgpt::Gpt2Config,
+    pub seed: u64,
+    pub device: kvgpt::DeviceKind,
+}
+
+impl Task for RandomTask {
+    type Output = Model;
+    type JsValue = NativeModel;
+
+    fn compute(&mut self) -> napi::Result<Model> {
+        Model::random(self.config.clone(), self.seed, self.device).napi()
+    }
+
+    fn resolve(&mut self, _env: Env, output: Model) -> napi::Result<NativeModel> {
+        Ok(NativeModel::new(output))
+    }
+}
+
 #[napi(object)]
 pub struct NativeTimings {
     pub prompt_tokens: u32,

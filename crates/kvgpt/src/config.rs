@@ -152,6 +152,15 @@ impl Gpt2Config {
         Ok(())
     }
 
+    /// GPT-2 small (124M): 12 layers, 12 heads, 768 wide, 1024 positions, vocab 50257.
+    pub fn gpt2_small() -> Self {
+        Self::from_json(
+            r#"{"model_type":"gpt2","vocab_size":50257,"n_positions":1024,"n_embd":768,"n_layer":12,
+                "n_head":12,"activation_function":"gelu_new","bos_token_id":50256,"eos_token_id":50256}"#,
+        )
+        .expect("the GPT-2 small config is valid")
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }

@@ -3,12 +3,10 @@
 //! text stream, and the timings of each region.
 
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
 use crate::loader::Model;
-use crate::model::Logits;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::session::Session;
 use crate::stream::TextStream;
-use candle_core::Tensor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -164,21 +162,15 @@ impl Model {
         let start = Instant::now();
         let prompt = self.prepare_prompt(prompt)?;
         let cfg = self.config();
-        let device = self.gpt2.device();
         let mut sampler = Sampler::new(opts.sampling.clone(), cfg.vocab_size)?;
         let mut text = match &self.tokenizer {
             Some(t) => Some(TextStream::new(t.decode_stream(), &opts.stop)),
             None => None,
         };
-        let capacity = (prompt.len() + opts.max_new_tokens).min(cfg.n_positions);
-        let mut cache = if opts.use_cache && opts.max_new_tokens > 0 {
-            Some(KvCache::new(cfg, 1, capacity, self.gpt2.dtype(), device)?)
-        } else {
-            None
-        };
-        let cache_bytes = cache.as_ref().map_or(0, |c| c.bytes());
+        let capacity = prompt.len() + opts.max_new_tokens;
+        let mut session = Session::new(&self.gpt2, capacity, opts.use_cache && opts.max_new_tokens > 0)?;
+        let cache_bytes = session.cache().map_or(0, |c| c.bytes());
         let mut t = Timings { prompt_tokens: prompt.len(), ..Default::default() };
-        let mut history = prompt.clone();
         let mut new_tokens = Vec::new();
         let mut stop = StopReason::MaxNewTokens;
         let mut logits = None;
@@ -186,19 +178,17 @@ impl Model {
             stop = StopReason::Aborted;
         } else if opts.max_new_tokens > 0 {
             let t0 = Instant::now();
-            let ids = Tensor::new(prompt.as_slice(), device)?.unsqueeze(0)?; // (1, T)
-            logits = Some(self.gpt2.forward(&ids, 0, cache.as_mut(), Logits::Last)?);
+            logits = Some(session.feed(&self.gpt2, &prompt)?);
             t.prefill_ms = ms(t0);
         }
         while let Some(step_logits) = logits.take() {
             let t0 = Instant::now();
             let mut row: Vec<f32> = step_logits.squeeze(0)?.to_vec1()?;
-            let token = sampler.sample(&mut row, &history);
+            let token = sampler.sample(&mut row, session.tokens());
             t.sample_ms += ms(t0);
             if new_tokens.is_empty() {
                 t.ttft_ms = ms(start);
             }
-            history.push(token);
             new_tokens.push(token);
             let is_eos = !opts.ignore_eos && cfg.eos_token_ids.contains(&token);
             let mut chunk = String::new();
@@ -212,7 +202,7 @@ impl Model {
                 Some(StopReason::StopString)
             } else if new_tokens.len() >= opts.max_new_tokens {
                 Some(StopReason::MaxNewTokens)
-            } else if history.len() > cfg.n_positions {
+            } else if session.tokens().len() >= cfg.n_positions {
                 Some(StopReason::ContextFull) // the new token has no position left to be fed at
             } else if abort.load(Ordering::Relaxed) {
                 Some(StopReason::Aborted)
@@ -228,16 +218,7 @@ impl Model {
                 break;
             }
             let t0 = Instant::now();
-            logits = Some(match cache.as_mut() {
-                Some(c) => {
-                    let ids = Tensor::new(&[token], device)?.unsqueeze(0)?; // (1, 1)
-                    self.gpt2.forward(&ids, history.len() - 1, Some(c), Logits::Last)?
-                }
-                None => {
-                    let ids = Tensor::new(history.as_slice(), device)?.unsqueeze(0)?; // (1, S)
-                    self.gpt2.forward(&ids, 0, None, Logits::Last)?
-                }
-            });
+            logits = Some(session.feed(&self.gpt2, &[token])?);
             let dt = ms(t0);
             t.decode_ms += dt;
             t.step_ms.push(dt);

@@ -78,9 +78,9 @@ impl KvCache {
         self.len += t;
     }
 
-    /// Forgets every entry; the buffers stay allocated.
-    pub fn reset(&mut self) {
-        self.len = 0;
+    /// Keeps the first `len` positions and forgets the rest; the buffers stay allocated.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 
     /// The buffer of one layer (for tests that check nothing was reallocated).

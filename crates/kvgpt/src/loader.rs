@@ -8,7 +8,10 @@ use crate::hub::{self, HubSettings};
 use crate::model::Gpt2;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, WeightsSource};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -82,6 +85,26 @@ impl Model {
         Self::load_dir(&dir, &device, start)
     }
 
+    /// A model of `config`'s shapes with seeded random weights (uniform, std 0.02; layer norms
+    /// 1 and 0) and no tokenizer: for benchmarks, whose timings do not depend on the weights.
+    pub fn random(config: Gpt2Config, seed: u64, device: DeviceKind) -> Result<Self> {
+        let start = Instant::now();
+        let device = device.open()?;
+        let tensors = random_tensors(&config, seed, &device)?;
+        let gpt2 = Gpt2::from_tensors(config.clone(), tensors, &device)?;
+        let info = ModelInfo {
+            parameter_count: config.parameter_count(),
+            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
+            config,
+            dir: PathBuf::new(),
+            weights_file: PathBuf::new(),
+            device: device_name(&device),
+            dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        };
+        Ok(Self { gpt2, tokenizer: None, generation: GenerationConfig::default(), info })
+    }
+
     fn load_dir(dir: &Path, device: &Device, start: Instant) -> Result<Self> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let generation = GenerationConfig::from_dir(dir)?;
@@ -108,7 +131,7 @@ impl Model {
             config,
             dir: dir.to_path_buf(),
             weights_file: source.path().to_path_buf(),
-            device: if device.is_cuda() { "cuda".into() } else { "cpu".into() },
+            device: device_name(device),
             dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         };
@@ -160,4 +183,42 @@ impl Model {
         }
         Ok(())
     }
+}
+
+fn device_name(device: &Device) -> String {
+    if device.is_cuda() { "cuda".into() } else { "cpu".into() }
+}
+
+/// Checkpoint-named tensors in HF's layout (Conv1D weights as (in, out)) with random values.
+fn random_tensors(cfg: &Gpt2Config, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let half_width = 0.02 * 3f32.sqrt(); // uniform(-a, a) has std a / sqrt(3)
+    let mut random = |shape: &[usize]| -> Result<Tensor> {
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * half_width).collect();
+        Ok(Tensor::from_vec(data, shape, device)?)
+    };
+    let (c, i, v) = (cfg.n_embd, cfg.n_inner, cfg.vocab_size);
+    let mut map = HashMap::new();
+    map.insert("wte.weight".to_string(), random(&[v, c])?);
+    map.insert("wpe.weight".to_string(), random(&[cfg.n_positions, c])?);
+    let mut norms = vec!["ln_f".to_string()];
+    for l in 0..cfg.n_layer {
+        for (name, n_in, n_out) in
+            [("attn.c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_fc", c, i), ("mlp.c_proj", i, c)]
+        {
+            map.insert(format!("h.{l}.{name}.weight"), random(&[n_in, n_out])?);
+            map.insert(format!("h.{l}.{name}.bias"), random(&[n_out])?);
+        }
+        norms.push(format!("h.{l}.ln_1"));
+        norms.push(format!("h.{l}.ln_2"));
+    }
+    for norm in norms {
+        map.insert(format!("{norm}.weight"), Tensor::ones(c, DType::F32, device)?);
+        map.insert(format!("{norm}.bias"), Tensor::zeros(c, DType::F32, device)?);
+    }
+    if !cfg.tie_word_embeddings {
+        map.insert("lm_head.weight".to_string(), random(&[v, c])?);
+    }
+    Ok(map)
 }

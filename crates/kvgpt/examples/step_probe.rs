@@ -1,0 +1,23 @@
+use kvgpt::{DeviceKind, Gpt2Config, Model, Session};
+use std::time::Instant;
+fn main() {
+    let model = Model::random(Gpt2Config::gpt2_small(), 0, DeviceKind::Cpu).unwrap();
+    let ctx: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(256);
+    let steps: usize = std::env::args().nth(2).map(|s| s.parse().unwrap()).unwrap_or(30);
+    let mut s = Session::new(model.gpt2(), ctx + 1, true).unwrap();
+    let ids: Vec<u32> = (0..ctx as u32).map(|i| (i * 4099 + 13) % 50257).collect();
+    let t = Instant::now();
+    s.feed(model.gpt2(), &ids).unwrap();
+    println!("prefill {ctx}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let mut times = vec![];
+    for _ in 0..steps {
+        s.truncate(ctx);
+        let t = Instant::now();
+        let l = s.feed(model.gpt2(), &[464]).unwrap();
+        let v: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
+        std::hint::black_box(v);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("step at {ctx}: median {:.2} ms, min {:.2}", times[steps / 2], times[0]);
+}
