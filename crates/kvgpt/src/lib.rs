@@ -3,11 +3,13 @@
 //! `Model::generate` runs prefill and decode with sampling, stop conditions and timings.
 
 pub mod config;
+pub mod cpu_ops;
 pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod kv_cache;
 pub mod loader;
+pub mod matvec;
 pub mod model;
 pub mod sampling;
 pub mod session;

@@ -3,9 +3,10 @@
 
 use crate::config::{Activation, Gpt2Config};
 use crate::error::{Error, Result};
+use crate::cpu_ops;
 use crate::kv_cache::KvCache;
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::LayerNorm;
 use std::collections::HashMap;
 
 /// Which positions get logits: the last one (generation) or all (scoring, parity tests).
@@ -13,6 +14,31 @@ use std::collections::HashMap;
 pub enum Logits {
     Last,
     All,
+}
+
+/// A linear layer with nn.Linear's (out, in) weight. One-row inputs (a decode step) on the
+/// CPU go through `matvec`, which uses every core; everything else through candle's matmul.
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        if rows == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return Ok(crate::matvec::matvec_cpu(x, &self.w, self.b.as_ref())?);
+        }
+        // (..., k) -> (rows, k) @ (k, out): one plain matmul, no broadcast copy of W.
+        let k = x.dim(D::Minus1)?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.w.dim(0)?;
+        let y = x.contiguous()?.reshape((rows, k))?.matmul(&self.w.t()?)?.reshape(out_dims)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
 }
 
 struct Attention {
@@ -36,7 +62,7 @@ pub struct Gpt2 {
     wpe: Tensor,     // (n_positions, C)
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor, // (vocab, C)
+    lm_head: Linear, // (vocab, C), no bias
     act: candle_nn::Activation,
     device: Device,
 }
@@ -66,7 +92,7 @@ impl Weights<'_> {
     fn conv1d(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
         let w = self.take(&format!("{prefix}.weight"), &[n_in, n_out])?.t()?.contiguous()?;
         let b = self.take(&format!("{prefix}.bias"), &[n_out])?;
-        Ok(Linear::new(w, Some(b)))
+        Ok(Linear { w, b: Some(b) })
     }
 
     fn layer_norm(&mut self, prefix: &str, n: usize, eps: f64) -> Result<LayerNorm> {
@@ -130,6 +156,7 @@ impl Gpt2 {
             }
             (true, _) => wte.clone(),
         };
+        let lm_head = Linear { w: lm_head, b: None };
         let act = match cfg.activation {
             Activation::GeluTanh => candle_nn::Activation::NewGelu,
             Activation::GeluErf => candle_nn::Activation::Gelu,
@@ -180,13 +207,12 @@ impl Gpt2 {
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
         let pe = self.wpe.narrow(0, pos, t)?; // (T, C)
         let mut x = tok.broadcast_add(&pe)?;
-        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.ln_1.forward(&x)?;
-            let h = block.attn.forward(&h, i, cache.as_deref(), mask.as_ref())?;
+            let h = block.attn.forward(&h, i, pos, cache.as_deref())?;
             x = (x + h)?;
             let h = block.ln_2.forward(&x)?;
-            let h = block.mlp_proj.forward(&block.c_fc.forward(&h)?.apply(&self.act)?)?;
+            let h = block.mlp_proj.forward(&self.activation(&block.c_fc.forward(&h)?)?)?;
             x = (x + h)?;
         }
         if let Some(cache) = cache.as_deref_mut() {
@@ -197,7 +223,7 @@ impl Gpt2 {
             Logits::All => x,
         };
         let x = self.ln_f.forward(&x)?;
-        let logits = x.broadcast_matmul(&self.lm_head.t()?)?; // (B, T or 1, vocab)
+        let logits = self.lm_head.forward(&x)?; // (B, T or 1, vocab)
         Ok(match which {
             Logits::Last => logits.squeeze(1)?,
             Logits::All => logits,
@@ -205,8 +231,17 @@ impl Gpt2 {
     }
 }
 
+impl Gpt2 {
+    fn activation(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            candle_nn::Activation::NewGelu => cpu_ops::gelu_tanh(x),
+            act => Ok(x.apply(&act)?),
+        }
+    }
+}
+
 impl Attention {
-    fn forward(&self, x: &Tensor, layer: usize, cache: Option<&KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, pos: usize, cache: Option<&KvCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (nh, hs) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
@@ -219,23 +254,11 @@ impl Attention {
             Some(cache) => cache.write(layer, &k, &v)?, // (B, nh, L, hs), L = filled + T
             None => (k, v),
         };
-        let att = (q.matmul(&k.t()?)? * self.scale)?; // (B, nh, T, L)
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = q.matmul(&k.t()?)?; // (B, nh, T, L)
+        let first = if cache.is_some() { pos } else { 0 }; // without a cache, keys start at this call's first token
+        let att = cpu_ops::causal_softmax(&att, self.scale, first)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         Ok(self.c_proj.forward(&y)?)
     }
-}
-
-/// (T, pos + T) additive mask: query i (absolute position pos + i) sees keys 0..=pos + i.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
-    let l = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, l), device)?)
 }
