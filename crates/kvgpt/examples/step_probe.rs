@@ -1,3 +1,5 @@
+//! Prefill and decode-step latency of GPT-2 small (random weights) without Node:
+//! `step_probe CONTEXT STEPS [PREFILL_REPEATS]`; used for the figures in bench/NOTES.md.
 use kvgpt::{DeviceKind, Gpt2Config, Model, Session};
 use std::time::Instant;
 fn main() {
@@ -6,9 +8,16 @@ fn main() {
     let steps: usize = std::env::args().nth(2).map(|s| s.parse().unwrap()).unwrap_or(30);
     let mut s = Session::new(model.gpt2(), ctx + 1, true).unwrap();
     let ids: Vec<u32> = (0..ctx as u32).map(|i| (i * 4099 + 13) % 50257).collect();
-    let t = Instant::now();
-    s.feed(model.gpt2(), &ids).unwrap();
-    println!("prefill {ctx}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let repeats: usize = std::env::args().nth(3).map(|s| s.parse().unwrap()).unwrap_or(1);
+    let mut prefill = vec![];
+    for _ in 0..repeats.max(1) {
+        s.truncate(0);
+        let t = Instant::now();
+        s.feed(model.gpt2(), &ids).unwrap();
+        prefill.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    prefill.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("prefill {ctx}: median {:.1} ms of {}", prefill[prefill.len() / 2], prefill.len());
     let mut times = vec![];
     for _ in 0..steps {
         s.truncate(ctx);
@@ -19,5 +28,7 @@ fn main() {
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("step at {ctx}: median {:.2} ms, min {:.2}", times[steps / 2], times[0]);
+    if steps > 0 {
+        println!("step at {ctx}: median {:.2} ms, min {:.2}", times[steps / 2], times[0]);
+    }
 }

@@ -1,7 +1,8 @@
-//! y = W x (+ b) for a single row x: the products of a decode step. candle's gemm computes a
-//! one-row product on one thread, which leaves a memory-bound step at one core's bandwidth;
-//! this splits W's rows over the rayon pool (candle's own) with an AVX2/FMA dot product where
-//! the CPU has it, so the step streams the weights with every core.
+//! y = x W^T (+ b) for a few rows x: the products of a decode step and of short prompts.
+//! candle's gemm computes a one-row product on one thread, and few-row products slowly, which
+//! leaves these memory-bound products far from the machine's bandwidth; here W's rows are split
+//! over the rayon pool (candle's own), each row read once and dotted with every x row by an
+//! AVX2/FMA kernel (four x rows per pass) where the CPU has it.
 
 use crate::cpu_ops::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -10,23 +11,62 @@ use rayon::prelude::*;
 /// Rows of W per rayon task: small enough to balance two to a few dozen threads.
 const ROWS_PER_TASK: usize = 64;
 
+/// Up to this many rows go through `matvec`; more through candle's gemm, which is faster once
+/// the product is compute-bound (measured in bench/NOTES.md).
+pub const MAX_ROWS: usize = 32;
+
 fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
     let (n, k) = w_l.shape().dims2()?; // W is (out, in), nn.Linear's layout
-    if x.len() != k {
-        candle_core::bail!("matvec: x has {} elements, W has {k} columns", x.len());
+    if k == 0 || x.len() % k != 0 {
+        candle_core::bail!("matvec: x has {} elements, not rows of W's {k} columns", x.len());
     }
     if bias.is_some_and(|b| b.len() != n) {
         candle_core::bail!("matvec: bias does not have {n} elements");
     }
-    let dot = dot_kernel();
-    let mut y = vec![0f32; n];
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
+    let m = x.len() / k;
+    let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let kernels = kernels();
+    // Computed as y^T (n, m): each task owns whole rows of W and so a contiguous block of y^T.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
-        for (i, y) in out.iter_mut().enumerate() {
-            let r = first + i;
-            *y = dot(x, &w[r * k..(r + 1) * k]) + bias.map_or(0.0, |b| b[r]);
+        let last = first + out.len() / m - 1; // the odd row out, when the block has one
+        let w_row = |r: usize| &w[r * k..(r + 1) * k];
+        let b = |r: usize| bias.map_or(0.0, |b| b[r]);
+        let mut pairs = out.chunks_exact_mut(2 * m);
+        for (p, out) in pairs.by_ref().enumerate() {
+            let (r0, r1) = (first + 2 * p, first + 2 * p + 1);
+            let (o0, o1) = out.split_at_mut(m);
+            let mut i = 0;
+            while i + 4 <= m {
+                let d = (kernels.dot2x4)([w_row(r0), w_row(r1)], [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
+                for j in 0..4 {
+                    o0[i + j] = d[0][j] + b(r0);
+                    o1[i + j] = d[1][j] + b(r1);
+                }
+                i += 4;
+            }
+            for i in i..m {
+                o0[i] = (kernels.dot)(w_row(r0), rows[i]) + b(r0);
+                o1[i] = (kernels.dot)(w_row(r1), rows[i]) + b(r1);
+            }
+        }
+        let rest = pairs.into_remainder();
+        if !rest.is_empty() {
+            for (i, o) in rest.iter_mut().enumerate() {
+                *o = (kernels.dot)(w_row(last), rows[i]) + b(last);
+            }
         }
     });
+    let y = if m == 1 {
+        yt
+    } else {
+        let mut y = vec![0f32; m * n];
+        y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            row.iter_mut().enumerate().for_each(|(r, v)| *v = yt[r * m + i]);
+        });
+        y
+    };
     let mut dims = x_l.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = n;
     Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -61,7 +101,7 @@ impl CustomOp3 for MatVecBias {
     }
 }
 
-/// W x (+ b) for x holding one row (any leading dims of size 1), W (out, in), on the CPU in f32.
+/// x W^T (+ b) for x (..., in) of at most a few rows, W (out, in), on the CPU in f32.
 pub fn matvec_cpu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     match b {
@@ -70,14 +110,17 @@ pub fn matvec_cpu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Re
     }
 }
 
-type Dot = fn(&[f32], &[f32]) -> f32;
+struct Kernels {
+    dot: fn(&[f32], &[f32]) -> f32,
+    dot2x4: fn([&[f32]; 2], [&[f32]; 4]) -> [[f32; 4]; 2],
+}
 
-fn dot_kernel() -> Dot {
+fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        return |a, b| unsafe { dot_avx2(a, b) };
+        return Kernels { dot: |a, b| unsafe { dot_avx2(a, b) }, dot2x4: |w, xs| unsafe { dot2x4_avx2(w, xs) } };
     }
-    dot_portable
+    Kernels { dot: dot_portable, dot2x4: |w, xs| w.map(|w| xs.map(|x| dot_portable(w, x))) }
 }
 
 /// Eight independent partial sums, which LLVM vectorizes on any target.
@@ -124,6 +167,35 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
+/// Eight dot products, two rows of W by four x rows: per 8 floats, 6 loads feed 8 FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot2x4_avx2(w: [&[f32]; 2], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let n = w[0].len();
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut i = 0;
+    while i + 8 <= n {
+        let w0 = _mm256_loadu_ps(w[0].as_ptr().add(i));
+        let w1 = _mm256_loadu_ps(w[1].as_ptr().add(i));
+        for (j, x) in xs.iter().enumerate() {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
+            acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; 4]; 2];
+    for r in 0..2 {
+        for j in 0..4 {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][j]);
+            out[r][j] = lanes.iter().sum::<f32>() + (i..n).map(|t| w[r][t] * xs[j][t]).sum::<f32>();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,19 +204,19 @@ mod tests {
     #[test]
     fn matches_candle_matmul() {
         let d = Device::Cpu;
-        for (n, k) in [(1, 1), (7, 13), (100, 768), (129, 40)] {
-            let x = Tensor::randn(0f32, 1.0, (1, 1, k), &d).unwrap();
+        for (m, n, k) in [(1, 1, 1), (1, 7, 13), (1, 100, 768), (1, 129, 40), (5, 70, 33), (8, 3, 768), (31, 65, 64)] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &d).unwrap();
             let expected = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
             let got = matvec_cpu(&x, &w, Some(&b)).unwrap();
             assert_eq!(got.dims(), expected.dims());
             let diff = (got - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "n={n} k={k} diff {diff}");
+            assert!(diff < 1e-4, "m={m} n={n} k={k} diff {diff}");
             let no_bias = matvec_cpu(&x, &w, None).unwrap();
             let expected = x.broadcast_matmul(&w.t().unwrap()).unwrap();
             let diff = (no_bias - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "n={n} k={k} no-bias diff {diff}");
+            assert!(diff < 1e-4, "m={m} n={n} k={k} no-bias diff {diff}");
         }
         assert_eq!(dot_portable(&[1.0; 19], &[2.0; 19]), 38.0);
     }

@@ -16,8 +16,9 @@ pub enum Logits {
     All,
 }
 
-/// A linear layer with nn.Linear's (out, in) weight. One-row inputs (a decode step) on the
-/// CPU go through `matvec`, which uses every core; everything else through candle's matmul.
+/// A linear layer with nn.Linear's (out, in) weight. Inputs of a few rows (a decode step, a
+/// short prompt) on the CPU go through `matvec`, which uses every core; the rest through
+/// candle's matmul.
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
@@ -26,7 +27,7 @@ struct Linear {
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if rows == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if rows <= crate::matvec::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
             return Ok(crate::matvec::matvec_cpu(x, &self.w, self.b.as_ref())?);
         }
         // (..., k) -> (rows, k) @ (k, out): one plain matmul, no broadcast copy of W.
