@@ -33,6 +33,8 @@ export interface BenchRun {
   peakRssMB: number;
   /** RSS after the last token minus RSS after the first, MB (flat when the cache is in place). */
   rssGrowthMB: number;
+  /** Of that growth, how much is V8's heap (the JS side of the benchmark loop itself), MB. */
+  jsHeapGrowthMB: number;
   cacheBytes: number;
   cacheBytesFormula: number;
 }
@@ -94,22 +96,26 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
       const lastSteps: number[] = [];
       let peak = 0;
       let growth = 0;
+      let heapGrowth = 0;
       let cacheBytes = 0;
       for (let rep = 0; rep < o.repetitions; rep++) {
-        let afterFirst = 0;
-        let rss = 0;
+        let afterFirst: NodeJS.MemoryUsage | undefined;
+        let mem = process.memoryUsage();
         const t0 = performance.now();
         const s = model.stream(prompt, { maxNewTokens: newTokens, ignoreEos: true, useCache: cache });
         for await (const _ of s) {
-          rss = process.memoryUsage.rss();
-          if (!afterFirst) afterFirst = rss;
-          peak = Math.max(peak, rss);
+          mem = process.memoryUsage();
+          afterFirst ??= mem;
+          peak = Math.max(peak, mem.rss);
           bar?.update(++done, { length, cache: cache ? 'on' : 'off' });
         }
         const r = await s.result;
         seconds.push((performance.now() - t0) / 1000);
         lastSteps.push(r.timings.stepMs.at(-1) ?? r.timings.prefillMs);
-        growth = Math.max(growth, rss - afterFirst);
+        if (afterFirst) {
+          growth = Math.max(growth, mem.rss - afterFirst.rss);
+          heapGrowth = Math.max(heapGrowth, mem.heapTotal - afterFirst.heapTotal);
+        }
         cacheBytes = r.cacheBytes;
       }
       const med = median(seconds);
@@ -123,6 +129,7 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
         lastStepMs: median(lastSteps),
         peakRssMB: mb(peak),
         rssGrowthMB: mb(growth),
+        jsHeapGrowthMB: mb(heapGrowth),
         cacheBytes,
         cacheBytesFormula: cache ? 2 * info.nLayer * info.nEmbd * length * 1 * 4 : 0,
       });
@@ -153,7 +160,7 @@ function pad(cells: string[], widths: number[]): string {
 export function formatTable(r: BenchResult, hf?: BenchResult): string {
   const lengths = [...new Set(r.runs.map((x) => x.length))];
   const find = (res: BenchResult | undefined, l: number, c: boolean) => res?.runs.find((x) => x.length === l && x.cache === c);
-  const head = ['L', 'off s', 'article', 'on s', 'article', 'off ms/tok', 'on ms/tok', 'speedup', 'peak RSS MB', 'RSS growth MB', 'cache bytes', 'formula'];
+  const head = ['L', 'off s', 'article', 'on s', 'article', 'off ms/tok', 'on ms/tok', 'speedup', 'peak RSS MB', 'RSS growth MB', 'of it JS heap', 'cache bytes', 'formula'];
   if (hf) head.push('HF off s', 'HF on s', 'off ratio', 'on ratio');
   const rows = lengths.map((l) => {
     const off = find(r, l, false);
@@ -163,7 +170,7 @@ export function formatTable(r: BenchResult, hf?: BenchResult): string {
     const row = [
       String(l), s(off?.medianSeconds), s(a?.off), s(on?.medianSeconds), s(a?.on), s(off?.msPerToken, 1), s(on?.msPerToken, 1),
       off && on ? `${(off.medianSeconds / on.medianSeconds).toFixed(2)}x` : '-',
-      s(Math.max(on?.peakRssMB ?? 0, off?.peakRssMB ?? 0), 0), s(on?.rssGrowthMB, 1), on ? String(on.cacheBytes) : '-', on ? String(on.cacheBytesFormula) : '-',
+      s(Math.max(on?.peakRssMB ?? 0, off?.peakRssMB ?? 0), 0), s(on?.rssGrowthMB, 1), s(on?.jsHeapGrowthMB, 1), on ? String(on.cacheBytes) : '-', on ? String(on.cacheBytesFormula) : '-',
     ];
     if (hf) {
       const hoff = find(hf, l, false);

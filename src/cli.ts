@@ -18,37 +18,21 @@ function num(name: string) {
 }
 const collect = (v: string, prev: string[]) => [...prev, v];
 
-interface GenerateFlags {
+/** The generate command's flags: the options that map one to one, plus the CLI's own. */
+type GenerateFlags = Omit<GenerateOptions, 'stop' | 'useCache' | 'signal'> & {
   model: string;
   device: Device;
-  maxNewTokens?: number;
-  temperature?: number;
-  topK?: number;
-  topP?: number;
-  repetitionPenalty?: number;
-  seed?: number;
   stop: string[];
-  ignoreEos?: boolean;
   kvCache: boolean;
   json?: boolean;
-}
+};
 
 async function generate(prompt: string, flags: GenerateFlags): Promise<void> {
   const model = await Gpt2.load(flags.model, { device: flags.device });
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort()); // Ctrl-C ends the generation, keeps the output
-  const options: GenerateOptions = {
-    maxNewTokens: flags.maxNewTokens,
-    temperature: flags.temperature,
-    topK: flags.topK,
-    topP: flags.topP,
-    repetitionPenalty: flags.repetitionPenalty,
-    seed: flags.seed,
-    stop: flags.stop.length ? flags.stop : undefined,
-    ignoreEos: flags.ignoreEos,
-    useCache: flags.kvCache,
-    signal: controller.signal,
-  };
+  const { model: _model, device: _device, stop, kvCache, json: _json, ...sampling } = flags;
+  const options: GenerateOptions = { ...sampling, stop: stop.length ? stop : undefined, useCache: kvCache, signal: controller.signal };
   if (flags.json) {
     const r = await model.generate(prompt, options);
     process.stdout.write(JSON.stringify({ tokens: r.tokens, text: r.text, stopReason: r.stopReason, timings: r.timings }) + '\n');

@@ -14,6 +14,7 @@ export type KvgptErrorCode =
   | 'KVGPT_OPTION_TYPE'
   | 'KVGPT_DEVICE'
   | 'KVGPT_DISPOSED'
+  | 'KVGPT_NO_BINARY'
   | 'KVGPT_INTERNAL';
 
 export class KvgptError extends Error {

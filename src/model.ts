@@ -2,10 +2,13 @@
 // in the native core off the JS thread; this file adds promises, AbortSignal, AsyncIterable
 // streaming, Symbol.dispose, and typed errors.
 
-import { CancelToken, loadModel, loadRandom, type NativeModel, type NativeModelInfo, type NativeSession, type NativeTokenChunk } from '../index.js';
+import type { NativeModel, NativeModelInfo, NativeSession, NativeTokenChunk } from '../index.js';
+import { requireBinding } from './binding';
 import { fromNative, KvgptError, native, optionTypeError } from './errors';
 import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
 import { deriveTimings } from './timing';
+
+const { CancelToken, loadModel, loadRandom } = requireBinding();
 
 export type Device = 'cpu' | 'cuda' | 'auto';
 

@@ -80,6 +80,7 @@ def main():
                 "lastStepMs": 0,
                 "peakRssMB": peak_rss_mb(rss),
                 "rssGrowthMB": 0,
+                "jsHeapGrowthMB": 0,
                 "cacheBytes": 2 * config.n_layer * config.n_embd * length * 4 if cache else 0,
                 "cacheBytesFormula": 2 * config.n_layer * config.n_embd * length * 4 if cache else 0,
             })

@@ -88,7 +88,7 @@ pub struct GenerateTask {
 }
 
 impl Task for GenerateTask {
-    type Output = (Vec<u32>, Generation);
+    type Output = Generation;
     type JsValue = NativeGeneration;
 
     fn compute(&mut self) -> napi::Result<Self::Output> {
@@ -103,16 +103,14 @@ impl Task for GenerateTask {
                 cb.call(chunk, ThreadsafeFunctionCallMode::NonBlocking);
             }
         };
-        let generation = self.model.generate(&prompt, &self.opts, &self.cancel, &mut emit).napi()?;
-        let prompt = self.model.prepare_prompt(&prompt).napi()?;
-        Ok((prompt, generation))
+        self.model.generate(&prompt, &self.opts, &self.cancel, &mut emit).napi()
     }
 
-    fn resolve(&mut self, _env: Env, (prompt, g): Self::Output) -> napi::Result<NativeGeneration> {
+    fn resolve(&mut self, _env: Env, g: Self::Output) -> napi::Result<NativeGeneration> {
         let t = g.timings;
         Ok(NativeGeneration {
             tokens: g.tokens,
-            prompt_tokens: prompt,
+            prompt_tokens: g.prompt,
             text: g.text,
             stop_reason: g.stop_reason.as_str().to_string(),
             timings: NativeTimings {

@@ -104,6 +104,8 @@ pub struct Timings {
 
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The prompt as the model saw it (an empty prompt becomes [bos]).
+    pub prompt: Vec<u32>,
     /// The new ids (the prompt not included); an EOS that stopped generation is the last one.
     pub tokens: Vec<u32>,
     /// The new text, ending before a stop string and without a stopping EOS; None without a
@@ -226,6 +228,6 @@ impl Model {
         let text = text.map(TextStream::into_text);
         t.generated_tokens = new_tokens.len();
         t.total_ms = ms(start);
-        Ok(Generation { tokens: new_tokens, text, stop_reason: stop, timings: t, cache_bytes })
+        Ok(Generation { prompt, tokens: new_tokens, text, stop_reason: stop, timings: t, cache_bytes })
     }
 }

@@ -91,17 +91,8 @@ impl Model {
         let start = Instant::now();
         let device = device.open()?;
         let tensors = random_tensors(&config, seed, &device)?;
-        let gpt2 = Gpt2::from_tensors(config.clone(), tensors, &device)?;
-        let info = ModelInfo {
-            parameter_count: config.parameter_count(),
-            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
-            config,
-            dir: PathBuf::new(),
-            weights_file: PathBuf::new(),
-            device: device_name(&device),
-            dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
-            load_ms: start.elapsed().as_secs_f64() * 1e3,
-        };
+        let gpt2 = Gpt2::from_tensors(config, tensors, &device)?;
+        let info = ModelInfo::new(&gpt2, PathBuf::new(), PathBuf::new(), start);
         Ok(Self { gpt2, tokenizer: None, generation: GenerationConfig::default(), info })
     }
 
@@ -125,16 +116,7 @@ impl Model {
                 )));
             }
         }
-        let info = ModelInfo {
-            parameter_count: config.parameter_count(),
-            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
-            config,
-            dir: dir.to_path_buf(),
-            weights_file: source.path().to_path_buf(),
-            device: device_name(device),
-            dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
-            load_ms: start.elapsed().as_secs_f64() * 1e3,
-        };
+        let info = ModelInfo::new(&gpt2, dir.to_path_buf(), source.path().to_path_buf(), start);
         Ok(Self { gpt2, tokenizer, generation, info })
     }
 
@@ -185,8 +167,20 @@ impl Model {
     }
 }
 
-fn device_name(device: &Device) -> String {
-    if device.is_cuda() { "cuda".into() } else { "cpu".into() }
+impl ModelInfo {
+    fn new(gpt2: &Gpt2, dir: PathBuf, weights_file: PathBuf, start: Instant) -> Self {
+        let config = gpt2.config().clone();
+        Self {
+            parameter_count: config.parameter_count(),
+            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
+            config,
+            dir,
+            weights_file,
+            device: if gpt2.device().is_cuda() { "cuda".into() } else { "cpu".into() },
+            dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        }
+    }
 }
 
 /// Checkpoint-named tensors in HF's layout (Conv1D weights as (in, out)) with random values.
