@@ -10,9 +10,20 @@ version=$(node -p "require('$root/package.json').version")
 work=$(mktemp -d)
 trap 'rm -rf "$work" "$root/npm/$platform/kvgpt.$platform.node"' EXIT
 
-# What `napi artifacts` does in the release workflow: the built binary into its npm package.
+# What the release workflow does before publishing: `napi artifacts` puts the built binary
+# into its npm package, and `napi prepublish` pins every platform package in the main
+# package's optionalDependencies (written only then: they are not on the registry before a
+# release, so the repository's own package.json and lock file cannot list them).
 cp "$root/kvgpt.$platform.node" "$root/npm/$platform/"
-(cd "$root" && npm pack --ignore-scripts --pack-destination "$work" >/dev/null && npm pack "./npm/$platform" --pack-destination "$work" >/dev/null)
+mkdir -p "$work/stage"
+(cd "$root" && cp -r package.json README.md index.js index.d.ts dist "$work/stage/")
+node -e "
+  const fs = require('fs'), file = process.argv[1], p = JSON.parse(fs.readFileSync(file));
+  p.optionalDependencies = Object.fromEntries(fs.readdirSync(process.argv[2]).map((d) => ['kvgpt-' + d, p.version]));
+  fs.writeFileSync(file, JSON.stringify(p, null, 2));
+" "$work/stage/package.json" "$root/npm"
+(cd "$work/stage" && npm pack --ignore-scripts --pack-destination "$work" >/dev/null)
+(cd "$root" && npm pack "./npm/$platform" --pack-destination "$work" >/dev/null)
 
 mkdir -p "$work/app" "$work/bin"
 cp -r "$root/test/fixtures/tiny-gpt2" "$work/app/model"
@@ -27,6 +38,7 @@ npm init -y >/dev/null
 # would fetch it through kvgpt's optionalDependencies after a publish. The other platforms'
 # packages are skipped (wrong os/cpu, and unpublished).
 npm install --no-audit --no-fund --loglevel=error "$work/kvgpt-$platform-$version.tgz" "$work/kvgpt-$version.tgz"
+node -e "const o = require('kvgpt/package.json').optionalDependencies; if (!o || o['kvgpt-$platform'] !== '$version') process.exit(1)"
 test ! -e node_modules/kvgpt/src && test ! -e node_modules/kvgpt/crates   # no sources shipped
 
 expected=$(node -p "JSON.stringify(require('./model/reference.json').prompts[0].greedy_new_ids)")
