@@ -26,9 +26,13 @@ impl KvCache {
         let shape = (batch, cfg.n_head, capacity, cfg.head_dim()); // (B, nh, cap, hs)
         let mut k = Vec::with_capacity(cfg.n_layer);
         let mut v = Vec::with_capacity(cfg.n_layer);
+        // Filled with ones, not zeros: a zeroed buffer comes from calloc, whose pages the OS maps
+        // only when first written, so RSS would climb position by position (73.7 KB a token for
+        // GPT-2 small) and each step would page-fault. Writing every element here commits the
+        // whole cache once. Positions at or past `len` are never read, so the value is moot.
         for _ in 0..cfg.n_layer {
-            k.push(Tensor::zeros(shape, dtype, device)?);
-            v.push(Tensor::zeros(shape, dtype, device)?);
+            k.push(Tensor::ones(shape, dtype, device)?);
+            v.push(Tensor::ones(shape, dtype, device)?);
         }
         let bytes = cfg.kv_cache_bytes(capacity, batch, dtype.size_in_bytes());
         Ok(Self { k, v, len: 0, capacity, bytes })
