@@ -5,6 +5,7 @@ mod common;
 use candle_core::{Tensor, D};
 use common::*;
 use kvgpt::{KvCache, Logits};
+use std::collections::HashMap;
 
 const TOL: f32 = 1e-4;
 
@@ -96,4 +97,37 @@ fn prefill_in_chunks_equals_one_prefill() {
     model.gpt2().forward(&a, 0, Some(&mut cache), Logits::Last).unwrap();
     let got = model.gpt2().forward(&b, 5, Some(&mut cache), Logits::Last).unwrap();
     assert!(max_abs_diff(&got, &expected) < 1e-5);
+}
+
+#[test]
+fn sharded_safetensors_without_prefix_load_and_match() {
+    // tiny-gpt2's tensors split over two shards with a model.safetensors.index.json, keys
+    // renamed to the prefix-less style (h.0...), as some exports write them.
+    let dir = TempDir::new("sharded");
+    copy_fixture_files("tiny-gpt2", &["config.json", "tokenizer.json"], dir.path());
+    let tensors = candle_core::safetensors::load(fixture("tiny-gpt2").join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (mut shards, mut weight_map) = (vec![HashMap::new(), HashMap::new()], serde_json::Map::new());
+    for (i, name) in names.iter().enumerate() {
+        let key = name.strip_prefix("transformer.").unwrap_or(name).to_string();
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(key.clone(), file.clone().into());
+        shards[i % 2].insert(key, tensors[*name].clone());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1))).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let model = kvgpt::Model::load(dir.path().to_str().unwrap(), &Default::default()).unwrap();
+    assert!(model.info().weights_file.ends_with("model.safetensors.index.json"));
+    let (prompt, expected) = reference_prompt("tiny-gpt2", 0);
+    assert_eq!(run(&model, &prompt, &greedy(40, true)).tokens, expected);
+    // A shard named with a path is refused before anything is read.
+    let bad = serde_json::json!({ "weight_map": { "wte.weight": "../model.safetensors" } });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), bad.to_string()).unwrap();
+    let err = kvgpt::Model::load(dir.path().to_str().unwrap(), &Default::default()).err().unwrap();
+    assert_eq!(err.code(), "KVGPT_INVALID_FILE");
+    assert!(err.to_string().contains("is not a file name in this directory"), "{err}");
 }
