@@ -18,12 +18,22 @@ function ids(n, vocab = 50257) {
   return Array.from({ length: n }, (_, i) => (i * 4099 + 13) % vocab);
 }
 
+/**
+ * Wraps an async benchmark body so calls never overlap: benny calls it once to see that it
+ * returns a promise and may start the timed calls before that one settles, which on a shared
+ * session would interleave a truncate with another call's feed.
+ */
+function serial(body) {
+  let last = Promise.resolve();
+  return () => (last = last.then(body));
+}
+
 /** Runs a benny suite of `cases` (from b.add) and saves JSON and chart HTML under bench/results. */
 function suite(name, cases) {
   return b.suite(
     name,
     ...cases,
-    b.configure({ cases: { minSamples: 5, maxTime: 3 } }),
+    b.configure({ cases: { minSamples: 5, maxTime: 3 }, minDisplayPrecision: 3 }),
     b.cycle(),
     b.complete(),
     b.save({ file: name, folder: RESULTS, version: null, format: 'json', details: true }),
@@ -31,4 +41,4 @@ function suite(name, cases) {
   );
 }
 
-module.exports = { b, loadModel, ids, suite };
+module.exports = { b, loadModel, ids, serial, suite };

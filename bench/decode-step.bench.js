@@ -1,5 +1,5 @@
 // One decode step (a one-token forward over the KV cache + argmax) at context 16, 256, 512, 1000.
-const { b, loadModel, ids, suite } = require('./common');
+const { b, loadModel, ids, serial, suite } = require('./common');
 
 async function main() {
   const model = await loadModel();
@@ -8,10 +8,13 @@ async function main() {
     const session = model.session({ capacity: ctx + 1 });
     await session.feed(ids(ctx)); // the prefill, outside the timed function
     cases.push(
-      b.add(`decode step at context ${ctx}`, async () => {
-        session.truncate(ctx); // back to ctx filled positions: every sample is the same step
-        await session.feed([464]);
-      }),
+      b.add(
+        `decode step at context ${ctx}`,
+        serial(async () => {
+          session.truncate(ctx); // back to ctx filled positions: every sample is the same step
+          await session.feed([464]);
+        }),
+      ),
     );
   }
   return suite('decode-step', cases);
