@@ -81,3 +81,14 @@ pub struct NativeLoadOptions {
     /// 'cpu' (default), 'cuda', or 'auto' (CUDA when this build and the machine have it).
     pub device: Option<String>,
 }
+
+impl NativeLoadOptions {
+    /// The device asked for (CPU when none), checked before any work.
+    pub fn device(options: Option<Self>) -> napi::Result<kvgpt::DeviceKind> {
+        use crate::error::IntoNapi;
+        match options.and_then(|o| o.device) {
+            Some(d) => kvgpt::DeviceKind::parse(&d).napi(),
+            None => Ok(kvgpt::DeviceKind::Cpu),
+        }
+    }
+}

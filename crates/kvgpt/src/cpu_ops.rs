@@ -18,7 +18,7 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle
     }
 }
 
-fn is_cpu_f32(t: &Tensor) -> bool {
+pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 

@@ -27,7 +27,7 @@ struct Linear {
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if rows <= crate::matvec::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if rows <= crate::matvec::MAX_ROWS && cpu_ops::is_cpu_f32(x) {
             return Ok(crate::matvec::matvec_cpu(x, &self.w, self.b.as_ref())?);
         }
         // (..., k) -> (rows, k) @ (k, out): one plain matmul, no broadcast copy of W.
