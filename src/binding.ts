@@ -34,3 +34,43 @@ export function requireBinding(): Binding {
     );
   }
 }
+
+/**
+ * The CUDA build of the addon, a separate artifact (a CPU-only install never loads it, so never
+ * needs CUDA libraries). Looked for, in order: the file KVGPT_CUDA_BINARY names, the package
+ * kvgpt-<platform>-cuda, ./kvgpt.<platform>.cuda.node beside the package. Returns the binding,
+ * or why it could not be loaded, in words that say what is missing (binary, driver, library).
+ */
+export function requireCudaBinding(): { binding: Binding } | { missing: string } {
+  const name = platformName();
+  const explicit = process.env.KVGPT_CUDA_BINARY;
+  const candidates = explicit ? [explicit] : [`kvgpt-${name}-cuda`, `../kvgpt.${name}.cuda.node`];
+  const failures: string[] = [];
+  for (const candidate of candidates) {
+    try {
+      return { binding: require(candidate) as Binding };
+    } catch (e) {
+      const detail = e instanceof Error ? e.message.split('\n')[0] : String(e);
+      const notThere = (e as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' && !/\.so/.test(detail);
+      if (!notThere) return { missing: cudaLoadFailure(candidate, detail) };
+      failures.push(candidate);
+    }
+  }
+  return {
+    missing:
+      `the CUDA build of kvgpt is not installed (looked for ${failures.join(', ')}): build it with scripts/build-cuda.sh ` +
+      `and set KVGPT_CUDA_BINARY to the .node file it writes`,
+  };
+}
+
+/** What a failed dlopen of the CUDA addon means for the user. */
+function cudaLoadFailure(file: string, detail: string): string {
+  const lib = /(lib[\w.+-]+\.so[\d.]*): cannot open shared object file/.exec(detail)?.[1];
+  if (lib?.startsWith('libcuda.so')) {
+    return `no NVIDIA driver on this machine: ${lib} (installed with the driver, CUDA 13 needs >= 580) could not be loaded by ${file}`;
+  }
+  if (lib) {
+    return `the CUDA 13 library ${lib} was not found: add the folder holding it (/usr/local/cuda/lib64, or pip's nvidia/cu13/lib) to LD_LIBRARY_PATH; loading ${file} said: ${detail}`;
+  }
+  return `the CUDA build ${file} could not be loaded: ${detail}`;
+}

@@ -3,7 +3,7 @@
 // with --json). Option ranges are checked by the library, which says what is allowed.
 
 import { Command, InvalidArgumentError } from 'commander';
-import { Gpt2, type Device } from './model';
+import { Gpt2, type Device, type DType } from './model';
 import type { GenerateOptions } from './generate';
 import { KvgptError } from './errors';
 import { availableParallelism } from 'node:os';
@@ -22,16 +22,17 @@ const collect = (v: string, prev: string[]) => [...prev, v];
 type GenerateFlags = Omit<GenerateOptions, 'stop' | 'useCache' | 'signal'> & {
   model: string;
   device: Device;
+  dtype: DType;
   stop: string[];
   kvCache: boolean;
   json?: boolean;
 };
 
 async function generate(prompt: string, flags: GenerateFlags): Promise<void> {
-  const model = await Gpt2.load(flags.model, { device: flags.device });
+  const model = await Gpt2.load(flags.model, { device: flags.device, dtype: flags.dtype });
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort()); // Ctrl-C ends the generation, keeps the output
-  const { model: _model, device: _device, stop, kvCache, json: _json, ...sampling } = flags;
+  const { model: _model, device: _device, dtype: _dtype, stop, kvCache, json: _json, ...sampling } = flags;
   const options: GenerateOptions = { ...sampling, stop: stop.length ? stop : undefined, useCache: kvCache, signal: controller.signal };
   if (flags.json) {
     const r = await model.generate(prompt, options);
@@ -81,6 +82,7 @@ export function main(argv: string[]): Promise<void> {
     .argument('<prompt>', 'the prompt text ("" starts from the BOS token)')
     .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
     .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
+    .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
     .option('-n, --max-new-tokens <n>', 'new tokens at most (default 50)', num('--max-new-tokens'))
     .option('-t, --temperature <t>', '0 = greedy; > 0 samples', num('--temperature'))
     .option('--top-k <k>', 'keep the k most likely tokens (0 = off, default 50)', num('--top-k'))
@@ -100,7 +102,7 @@ export function main(argv: string[]): Promise<void> {
     .option('--cache <mode>', 'on, off or both', 'both')
     .option('-r, --repetitions <n>', 'runs per row (the median is reported)', num('--repetitions'), 1)
     .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
-    .option('--dtype <dtype>', 'weights dtype (f32)', 'f32')
+    .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
     .option('--threads <n>', 'CPU threads for the tensor kernels', num('--threads'), availableParallelism())
     .option('--seed <s>', 'seed of the random weights', num('--seed'), 0)
     .option('--prompt-tokens <n>', 'prompt length', num('--prompt-tokens'), 5)

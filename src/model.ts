@@ -3,18 +3,54 @@
 // streaming, Symbol.dispose, and typed errors.
 
 import type { NativeModel, NativeModelInfo, NativeSession, NativeTokenChunk } from '../index.js';
-import { requireBinding } from './binding';
+import { requireBinding, requireCudaBinding } from './binding';
 import { fromNative, KvgptError, native, optionTypeError } from './errors';
 import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
 import { deriveTimings } from './timing';
 
-const { CancelToken, loadModel, loadRandom } = requireBinding();
+const cpuBinding = requireBinding();
+type Binding = typeof cpuBinding;
 
 export type Device = 'cpu' | 'cuda' | 'auto';
+export type DType = 'f32' | 'f16' | 'bf16' | 'q8_0';
 
 export interface LoadOptions {
-  /** 'cpu' (default), 'cuda', or 'auto' (CUDA when the CUDA build and a GPU are present, else CPU). */
+  /**
+   * 'cpu' (default), 'cuda', or 'auto' (CUDA when the CUDA build of the addon loads and a GPU is
+   * present, else CPU). 'cuda' where that is impossible is a KVGPT_DEVICE error naming what is
+   * missing: the CUDA binary, the driver, a CUDA library, or the GPU.
+   */
   device?: Device;
+  /**
+   * Weights dtype (converted once, at load): 'f32' (default); 'f16' or 'bf16' (weights,
+   * activations and KV cache; logits stay f32); 'q8_0' (linear layers' weights in 8-bit blocks
+   * through candle's quantized matmul; the rest f32).
+   */
+  dtype?: DType;
+}
+
+/** The addon build that serves `device`: the CUDA build for 'cuda', and for 'auto' when it loads. */
+function bindingFor(device: Device | undefined): Binding {
+  if (device !== 'cuda' && device !== 'auto') return cpuBinding;
+  const cuda = requireCudaBinding();
+  if ('binding' in cuda) return cuda.binding;
+  if (device === 'auto') return cpuBinding;
+  throw new KvgptError('KVGPT_DEVICE', `device 'cuda' is not available: ${cuda.missing}; or use device 'cpu' or 'auto'`);
+}
+
+function checkLoadOptions(options: unknown, extra: string[] = []): asserts options is LoadOptions {
+  if (typeof options !== 'object' || options === null) throw optionTypeError('load options must be an object');
+  const known = ['device', 'dtype', ...extra];
+  for (const key of Object.keys(options)) {
+    if (!known.includes(key)) throw optionTypeError(`unknown load option ${JSON.stringify(key)}; known options: ${known.join(', ')}`);
+  }
+  const o = options as Record<string, unknown>;
+  if (o.device !== undefined && typeof o.device !== 'string') {
+    throw optionTypeError(`option device must be 'cpu', 'cuda' or 'auto', got ${typeof o.device}`);
+  }
+  if (o.dtype !== undefined && typeof o.dtype !== 'string') {
+    throw optionTypeError(`option dtype must be 'f32', 'f16', 'bf16' or 'q8_0', got ${typeof o.dtype}`);
+  }
 }
 
 export type ModelInfo = NativeModelInfo;
@@ -67,25 +103,22 @@ export interface GenerationStream extends AsyncIterable<TokenChunk> {
 export class Gpt2 implements Disposable {
   readonly #native: NativeModel;
   readonly #info: ModelInfo;
+  /** The addon build this model lives in (CPU or CUDA): its CancelToken class is the one its calls accept. */
+  readonly #binding: Binding;
 
-  private constructor(nativeModel: NativeModel) {
+  private constructor(nativeModel: NativeModel, binding: Binding) {
     this.#native = nativeModel;
+    this.#binding = binding;
     this.#info = native(() => nativeModel.info());
   }
 
   /** Loads a checkpoint directory (config.json + weights + tokenizer) or a Hugging Face hub id. */
   static async load(model: string, options: LoadOptions = {}): Promise<Gpt2> {
     if (typeof model !== 'string') throw optionTypeError(`model must be a directory or hub id string, got ${typeof model}`);
-    if (typeof options !== 'object' || options === null) throw optionTypeError('load options must be an object');
-    const known = ['device'];
-    for (const key of Object.keys(options)) {
-      if (!known.includes(key)) throw optionTypeError(`unknown load option ${JSON.stringify(key)}; known options: ${known.join(', ')}`);
-    }
-    if (options.device !== undefined && typeof options.device !== 'string') {
-      throw optionTypeError(`option device must be 'cpu', 'cuda' or 'auto', got ${typeof options.device}`);
-    }
+    checkLoadOptions(options);
+    const binding = bindingFor(options.device);
     try {
-      return new Gpt2(await loadModel(model, { device: options.device }));
+      return new Gpt2(await binding.loadModel(model, { device: options.device, dtype: options.dtype }), binding);
     } catch (e) {
       throw fromNative(e);
     }
@@ -96,10 +129,12 @@ export class Gpt2 implements Disposable {
    * for benchmarks, whose timings do not depend on the weights. Pass token ids to it.
    */
   static async random(config: RandomConfig = {}, options: LoadOptions & { seed?: number } = {}): Promise<Gpt2> {
+    checkLoadOptions(options, ['seed']);
     const { seed = 0, ...load } = options;
     const json = JSON.stringify({ model_type: 'gpt2', activation_function: 'gelu_new', bos_token_id: 50256, eos_token_id: 50256, ...GPT2_SMALL, ...config });
+    const binding = bindingFor(load.device);
     try {
-      return new Gpt2(await loadRandom(json, seed, { device: load.device }));
+      return new Gpt2(await binding.loadRandom(json, seed, { device: load.device, dtype: load.dtype }), binding);
     } catch (e) {
       throw fromNative(e);
     }
@@ -148,7 +183,7 @@ export class Gpt2 implements Disposable {
     let wake: (() => void) | undefined;
     let received = 0;
     let finished: { result?: GenerateResult; error?: unknown } | undefined;
-    const cancel = new CancelToken();
+    const cancel = new this.#binding.CancelToken();
     const result = this.#run(prompt, options, (c) => {
       received++;
       queue.push({ token: c.token, text: c.text });
@@ -182,7 +217,7 @@ export class Gpt2 implements Disposable {
     prompt: string | readonly number[],
     options: GenerateOptions | undefined,
     onToken: ((c: NativeTokenChunk) => void) | undefined,
-    cancel = new CancelToken(),
+    cancel = new this.#binding.CancelToken(),
   ): Promise<GenerateResult> {
     this.#check();
     const p = checkPrompt(prompt);

@@ -5,7 +5,7 @@ use crate::error::{to_napi, IntoNapi};
 use crate::options::{NativeGenerateOptions, NativeLoadOptions};
 use crate::session::NativeSession;
 use crate::tasks::{GenerateTask, LoadTask, RandomTask, TokenCallback};
-use kvgpt::{Error, LoadOptions, Model};
+use kvgpt::{Error, Model};
 use napi::bindgen_prelude::{AsyncTask, Either};
 use napi_derive::napi;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,7 @@ use std::sync::{Arc, RwLock};
 /// Loads a model directory or hub id off the JS thread.
 #[napi(ts_return_type = "Promise<NativeModel>")]
 pub fn load_model(model: String, options: Option<NativeLoadOptions>) -> napi::Result<AsyncTask<LoadTask>> {
-    let device = NativeLoadOptions::device(options)?;
-    Ok(AsyncTask::new(LoadTask { model, options: LoadOptions { device, hub: None } }))
+    Ok(AsyncTask::new(LoadTask { model, options: NativeLoadOptions::parse(options)? }))
 }
 
 /// Builds a model of a config's shapes (HF config.json text; GPT-2 small when omitted) with
@@ -27,8 +26,7 @@ pub fn load_random(config_json: Option<String>, seed: f64, options: Option<Nativ
         None => kvgpt::Gpt2Config::gpt2_small(),
     };
     let seed = crate::options::whole("seed", seed, 9007199254740991.0).napi()?;
-    let device = NativeLoadOptions::device(options)?;
-    Ok(AsyncTask::new(RandomTask { config, seed, device }))
+    Ok(AsyncTask::new(RandomTask { config, seed, options: NativeLoadOptions::parse(options)? }))
 }
 
 /// Set by an AbortSignal; the token loop checks it between steps.

@@ -80,15 +80,19 @@ impl NativeGenerateOptions {
 pub struct NativeLoadOptions {
     /// 'cpu' (default), 'cuda', or 'auto' (CUDA when this build and the machine have it).
     pub device: Option<String>,
+    /// Weights dtype: 'f32' (default), 'f16', 'bf16' or 'q8_0'.
+    pub dtype: Option<String>,
 }
 
 impl NativeLoadOptions {
-    /// The device asked for (CPU when none), checked before any work.
-    pub fn device(options: Option<Self>) -> napi::Result<kvgpt::DeviceKind> {
+    /// The core's load options (CPU and f32 where omitted), checked before any work.
+    pub fn parse(options: Option<Self>) -> napi::Result<kvgpt::LoadOptions> {
         use crate::error::IntoNapi;
-        match options.and_then(|o| o.device) {
-            Some(d) => kvgpt::DeviceKind::parse(&d).napi(),
-            None => Ok(kvgpt::DeviceKind::Cpu),
-        }
+        let o = options.unwrap_or_default();
+        Ok(kvgpt::LoadOptions {
+            device: o.device.as_deref().map(kvgpt::DeviceKind::parse).transpose().napi()?.unwrap_or_default(),
+            dtype: o.dtype.as_deref().map(kvgpt::WeightDType::parse).transpose().napi()?.unwrap_or_default(),
+            hub: None,
+        })
     }
 }

@@ -68,8 +68,8 @@ impl Task for FeedTask {
     fn compute(&mut self) -> napi::Result<u32> {
         let mut session = self.session.lock().map_err(|_| busy())?;
         let logits = session.feed(self.model.gpt2(), &self.ids).napi()?;
-        let row: Vec<f32> = logits.squeeze(0).and_then(|l| l.to_vec1()).map_err(Error::from).napi()?;
-        Ok(kvgpt::sampling::argmax(&row))
+        let row = logits.squeeze(0).map_err(Error::from).napi()?;
+        kvgpt::sampling::greedy_id(&row).napi()
     }
 
     fn resolve(&mut self, _env: Env, next: u32) -> napi::Result<u32> {

@@ -40,7 +40,7 @@ impl Task for LoadTask {
 pub struct RandomTask {
     pub config: kvgpt::Gpt2Config,
     pub seed: u64,
-    pub device: kvgpt::DeviceKind,
+    pub options: kvgpt::LoadOptions,
 }
 
 impl Task for RandomTask {
@@ -48,7 +48,7 @@ impl Task for RandomTask {
     type JsValue = NativeModel;
 
     fn compute(&mut self) -> napi::Result<Model> {
-        Model::random(self.config.clone(), self.seed, self.device).napi()
+        Model::random(self.config.clone(), self.seed, &self.options).napi()
     }
 
     fn resolve(&mut self, _env: Env, output: Model) -> napi::Result<NativeModel> {

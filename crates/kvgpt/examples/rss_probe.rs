@@ -1,6 +1,6 @@
 //! RSS over one long generation with the KV cache, without Node: is the native side flat?
 //! `rss_probe [NEW_TOKENS]` prints RSS after the first token and every 100 tokens (MB).
-use kvgpt::{DeviceKind, GenerateOptions, Gpt2Config, Model};
+use kvgpt::{GenerateOptions, Gpt2Config, Model};
 use std::sync::atomic::AtomicBool;
 
 fn rss_mb() -> f64 {
@@ -11,7 +11,7 @@ fn rss_mb() -> f64 {
 
 fn main() {
     let new_tokens: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(905);
-    let model = Model::random(Gpt2Config::gpt2_small(), 0, DeviceKind::Cpu).unwrap();
+    let model = Model::random(Gpt2Config::gpt2_small(), 0, &Default::default()).unwrap();
     let mut opts = GenerateOptions::defaults_for(&model);
     opts.max_new_tokens = new_tokens;
     opts.ignore_eos = true;

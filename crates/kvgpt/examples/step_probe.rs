@@ -1,9 +1,17 @@
 //! Prefill and decode-step latency of GPT-2 small (random weights) without Node:
 //! `step_probe CONTEXT STEPS [PREFILL_REPEATS]`; used for the figures in bench/NOTES.md.
-use kvgpt::{DeviceKind, Gpt2Config, Model, Session};
+//! KVGPT_DTYPE (f32, f16, bf16, q8_0) and KVGPT_DEVICE (cpu, cuda, auto) pick the weights'
+//! dtype and the device.
+use kvgpt::{DeviceKind, Gpt2Config, LoadOptions, Model, Session, WeightDType};
 use std::time::Instant;
 fn main() {
-    let model = Model::random(Gpt2Config::gpt2_small(), 0, DeviceKind::Cpu).unwrap();
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let opts = LoadOptions {
+        dtype: WeightDType::parse(&env("KVGPT_DTYPE", "f32")).unwrap(),
+        device: DeviceKind::parse(&env("KVGPT_DEVICE", "cpu")).unwrap(),
+        hub: None,
+    };
+    let model = Model::random(Gpt2Config::gpt2_small(), 0, &opts).unwrap();
     let ctx: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(256);
     let steps: usize = std::env::args().nth(2).map(|s| s.parse().unwrap()).unwrap_or(30);
     let mut s = Session::new(model.gpt2(), ctx + 1, true).unwrap();

@@ -176,17 +176,25 @@ impl Model {
         let mut new_tokens = Vec::new();
         let mut stop = StopReason::MaxNewTokens;
         let mut logits = None;
+        let device = self.gpt2.device().clone();
+        let device_argmax =
+            !device.is_cpu() && opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
         if abort.load(Ordering::Relaxed) {
             stop = StopReason::Aborted;
         } else if opts.max_new_tokens > 0 {
             let t0 = Instant::now();
             logits = Some(session.feed(&self.gpt2, &prompt)?);
+            device.synchronize()?; // a GPU runs the step asynchronously: time its end, not its launch
             t.prefill_ms = ms(t0);
         }
         while let Some(step_logits) = logits.take() {
             let t0 = Instant::now();
-            let mut row: Vec<f32> = step_logits.squeeze(0)?.to_vec1()?;
-            let token = sampler.sample(&mut row, session.tokens());
+            let token = if device_argmax {
+                crate::sampling::greedy_id(&step_logits.squeeze(0)?)?
+            } else {
+                let mut row: Vec<f32> = step_logits.squeeze(0)?.to_vec1()?;
+                sampler.sample(&mut row, session.tokens())
+            };
             t.sample_ms += ms(t0);
             if new_tokens.is_empty() {
                 t.ttft_ms = ms(start);
@@ -221,6 +229,7 @@ impl Model {
             }
             let t0 = Instant::now();
             logits = Some(session.feed(&self.gpt2, &[token])?);
+            device.synchronize()?;
             let dt = ms(t0);
             t.decode_ms += dt;
             t.step_ms.push(dt);

@@ -22,7 +22,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
 pub use hub::HubSettings;
 pub use kv_cache::KvCache;
-pub use loader::{DeviceKind, LoadOptions, Model, ModelInfo};
+pub use loader::{DeviceKind, LoadOptions, Model, ModelInfo, WeightDType};
 pub use model::{Gpt2, Logits};
 pub use sampling::SamplingParams;
 pub use session::Session;

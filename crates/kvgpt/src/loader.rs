@@ -47,9 +47,56 @@ impl DeviceKind {
     }
 }
 
+/// The dtype the weights are held in. Checkpoints load as f32 and are converted once, at load.
+/// `F16`/`Bf16`: weights, activations and the KV cache in that dtype; logits come back as f32.
+/// `Q8_0`: the linear layers' weights quantized to ggml's q8_0 (blocks of 32 int8 with an f16
+/// scale, 8.5 bits a weight) through candle's quantized matmul; embeddings, layer norms,
+/// biases, activations and the KV cache stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+impl WeightDType {
+    pub const NAMES: &'static str = "'f32', 'f16', 'bf16' or 'q8_0'";
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(Error::range("dtype", format!("must be {}, got {other:?}", Self::NAMES))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The dtype of activations and of the KV cache.
+    pub fn activations(self) -> DType {
+        match self {
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+            Self::F32 | Self::Q8_0 => DType::F32,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub device: DeviceKind,
+    pub dtype: WeightDType,
     /// Hub cache and offline mode; None reads them from the environment.
     pub hub: Option<HubSettings>,
 }
@@ -61,7 +108,8 @@ pub struct ModelInfo {
     pub dir: PathBuf,
     pub weights_file: PathBuf,
     pub parameter_count: usize,
-    /// KV-cache bytes for one position of one sequence: 2 x n_layer x n_embd x 4 (f32).
+    /// KV-cache bytes for one position of one sequence: 2 x n_layer x n_embd x bytes per element
+    /// of the cache's dtype (4 for f32 and q8_0 models, 2 for f16/bf16).
     pub cache_bytes_per_token: usize,
     pub device: String,
     pub dtype: String,
@@ -82,26 +130,27 @@ impl Model {
         let device = opts.device.open()?;
         let settings = opts.hub.clone().unwrap_or_else(HubSettings::from_env);
         let dir = hub::resolve(model, &settings)?;
-        Self::load_dir(&dir, &device, start)
+        Self::load_dir(&dir, &device, opts.dtype, start)
     }
 
     /// A model of `config`'s shapes with seeded random weights (uniform, std 0.02; layer norms
     /// 1 and 0) and no tokenizer: for benchmarks, whose timings do not depend on the weights.
-    pub fn random(config: Gpt2Config, seed: u64, device: DeviceKind) -> Result<Self> {
+    /// `opts.hub` is not used.
+    pub fn random(config: Gpt2Config, seed: u64, opts: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
-        let device = device.open()?;
+        let device = opts.device.open()?;
         let tensors = random_tensors(&config, seed, &device)?;
-        let gpt2 = Gpt2::from_tensors(config, tensors, &device)?;
+        let gpt2 = Gpt2::from_tensors(config, tensors, &device, opts.dtype)?;
         let info = ModelInfo::new(&gpt2, PathBuf::new(), PathBuf::new(), start);
         Ok(Self { gpt2, tokenizer: None, generation: GenerationConfig::default(), info })
     }
 
-    fn load_dir(dir: &Path, device: &Device, start: Instant) -> Result<Self> {
+    fn load_dir(dir: &Path, device: &Device, dtype: WeightDType, start: Instant) -> Result<Self> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let generation = GenerationConfig::from_dir(dir)?;
         let source = WeightsSource::find(dir)?;
         let tensors = weights::load_tensors(&source, device)?;
-        let gpt2 = Gpt2::from_tensors(config.clone(), tensors, device)?;
+        let gpt2 = Gpt2::from_tensors(config.clone(), tensors, device, dtype)?;
         let tokenizer = match Tokenizer::from_dir(dir) {
             Ok(t) => Some(t),
             Err(Error::FileNotFound { .. }) => None, // ids-only use stays possible
@@ -177,7 +226,7 @@ impl ModelInfo {
             dir,
             weights_file,
             device: if gpt2.device().is_cuda() { "cuda".into() } else { "cpu".into() },
-            dtype: format!("{:?}", gpt2.dtype()).to_lowercase(),
+            dtype: gpt2.weight_dtype().as_str().into(),
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         }
     }

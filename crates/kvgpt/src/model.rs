@@ -5,6 +5,8 @@ use crate::config::{Activation, Gpt2Config};
 use crate::error::{Error, Result};
 use crate::cpu_ops;
 use crate::kv_cache::KvCache;
+use crate::loader::WeightDType;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::LayerNorm;
 use std::collections::HashMap;
@@ -17,24 +19,54 @@ pub enum Logits {
 }
 
 /// A linear layer with nn.Linear's (out, in) weight. Inputs of a few rows (a decode step, a
-/// short prompt) on the CPU go through `matvec`, which uses every core; the rest through
-/// candle's matmul.
+/// short prompt) on the CPU in f32 go through `matvec`, which uses every core; q8_0 weights
+/// through candle's quantized matmul; the rest through candle's matmul.
 struct Linear {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
+enum Weight {
+    Dense(Tensor),
+    Q8_0(QMatMul),
+}
+
 impl Linear {
+    /// `w` is (out, in) in f32; it is converted to `dtype` here, once.
+    fn new(w: Tensor, b: Option<Tensor>, dtype: WeightDType) -> Result<Self> {
+        let act = dtype.activations();
+        let w = match dtype {
+            WeightDType::Q8_0 => {
+                let k = w.dim(1)?;
+                if k % GgmlDType::Q8_0.block_size() != 0 {
+                    return Err(Error::WeightsMismatch(format!(
+                        "q8_0 needs input sizes divisible by {}; this model has a layer with {k} inputs (use f32, f16 or bf16)",
+                        GgmlDType::Q8_0.block_size()
+                    )));
+                }
+                Weight::Q8_0(QMatMul::from_qtensor(QTensor::quantize(&w.contiguous()?, GgmlDType::Q8_0)?)?)
+            }
+            _ => Weight::Dense(w.to_dtype(act)?.contiguous()?),
+        };
+        let b = b.map(|b| b.to_dtype(act)).transpose()?;
+        Ok(Self { w, b })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if rows <= crate::matvec::MAX_ROWS && cpu_ops::is_cpu_f32(x) {
-            return Ok(crate::matvec::matvec_cpu(x, &self.w, self.b.as_ref())?);
-        }
-        // (..., k) -> (rows, k) @ (k, out): one plain matmul, no broadcast copy of W.
-        let k = x.dim(D::Minus1)?;
-        let mut out_dims = x.dims().to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.w.dim(0)?;
-        let y = x.contiguous()?.reshape((rows, k))?.matmul(&self.w.t()?)?.reshape(out_dims)?;
+        let y = match &self.w {
+            Weight::Dense(w) if rows <= crate::matvec::MAX_ROWS && cpu_ops::is_cpu_f32(x) => {
+                return Ok(crate::matvec::matvec_cpu(x, w, self.b.as_ref())?);
+            }
+            Weight::Dense(w) => {
+                // (..., k) -> (rows, k) @ (k, out): one plain matmul, no broadcast copy of W.
+                let k = x.dim(D::Minus1)?;
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+                x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
+            }
+            Weight::Q8_0(w) => x.contiguous()?.apply(w)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -66,11 +98,13 @@ pub struct Gpt2 {
     lm_head: Linear, // (vocab, C), no bias
     act: candle_nn::Activation,
     device: Device,
+    dtype: WeightDType,
 }
 
 /// Takes named tensors out of the checkpoint map, checking each shape against the config.
 struct Weights<'a> {
     map: &'a mut HashMap<String, Tensor>,
+    dtype: WeightDType,
 }
 
 impl Weights<'_> {
@@ -93,24 +127,27 @@ impl Weights<'_> {
     fn conv1d(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
         let w = self.take(&format!("{prefix}.weight"), &[n_in, n_out])?.t()?.contiguous()?;
         let b = self.take(&format!("{prefix}.bias"), &[n_out])?;
-        Ok(Linear { w, b: Some(b) })
+        Linear::new(w, Some(b), self.dtype)
     }
 
     fn layer_norm(&mut self, prefix: &str, n: usize, eps: f64) -> Result<LayerNorm> {
-        let w = self.take(&format!("{prefix}.weight"), &[n])?;
-        let b = self.take(&format!("{prefix}.bias"), &[n])?;
+        let act = self.dtype.activations();
+        let w = self.take(&format!("{prefix}.weight"), &[n])?.to_dtype(act)?;
+        let b = self.take(&format!("{prefix}.bias"), &[n])?.to_dtype(act)?;
         Ok(LayerNorm::new(w, b, eps))
     }
 }
 
 impl Gpt2 {
-    /// Builds the model from checkpoint tensors named in the `h.0.attn.c_attn.weight` style.
-    pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+    /// Builds the model from f32 checkpoint tensors named in the `h.0.attn.c_attn.weight` style,
+    /// converting them to `dtype`.
+    pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device, dtype: WeightDType) -> Result<Self> {
         let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon);
+        let act = dtype.activations();
         let lm_head_untied = map.remove("lm_head.weight");
-        let mut w = Weights { map: &mut map };
+        let mut w = Weights { map: &mut map, dtype };
         let wte = w.take("wte.weight", &[v, c])?;
-        let wpe = w.take("wpe.weight", &[cfg.n_positions, c])?;
+        let wpe = w.take("wpe.weight", &[cfg.n_positions, c])?.to_dtype(act)?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("h.{i}");
@@ -141,6 +178,7 @@ impl Gpt2 {
                 cfg.n_layer
             )));
         }
+        let wte = wte.to_dtype(act)?;
         let lm_head = match (cfg.tie_word_embeddings, lm_head_untied) {
             (false, Some(t)) if t.dims() == [v, c] => t,
             (false, Some(t)) => {
@@ -157,14 +195,16 @@ impl Gpt2 {
             }
             (true, _) => wte.clone(),
         };
-        let lm_head = Linear { w: lm_head, b: None };
+        // Tied: with a dense dtype both are the one tensor (to_dtype of a tensor already in that
+        // dtype shares its storage); with q8_0 the lm_head is a quantized copy and wte stays f32.
+        let lm_head = Linear::new(lm_head, None, dtype)?;
         let act = match cfg.activation {
             Activation::GeluTanh => candle_nn::Activation::NewGelu,
             Activation::GeluErf => candle_nn::Activation::Gelu,
             Activation::Relu => candle_nn::Activation::Relu,
             Activation::Silu => candle_nn::Activation::Silu,
         };
-        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head, act, device: device.clone() })
+        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head, act, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &Gpt2Config {
@@ -175,8 +215,13 @@ impl Gpt2 {
         &self.device
     }
 
+    /// The dtype of activations and of the KV cache.
     pub fn dtype(&self) -> DType {
         self.wte.dtype()
+    }
+
+    pub fn weight_dtype(&self) -> WeightDType {
+        self.dtype
     }
 
     /// Runs `ids` (B, T), whose first position is `pos`, through the model. With a cache, the
@@ -224,7 +269,7 @@ impl Gpt2 {
             Logits::All => x,
         };
         let x = self.ln_f.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?; // (B, T or 1, vocab)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?; // (B, T or 1, vocab)
         Ok(match which {
             Logits::Last => logits.squeeze(1)?,
             Logits::All => logits,

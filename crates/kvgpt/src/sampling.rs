@@ -146,6 +146,15 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The greedy id of a (vocab,) logits row. Off the CPU the argmax runs on the device and only
+/// the id crosses to the host, not the vocab-sized row.
+pub fn greedy_id(logits: &candle_core::Tensor) -> Result<u32> {
+    if logits.device().is_cpu() {
+        return Ok(argmax(&logits.to_vec1::<f32>()?));
+    }
+    Ok(logits.argmax(0)?.to_scalar::<u32>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

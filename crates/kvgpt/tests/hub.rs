@@ -12,8 +12,8 @@ const TINY_FILES: [&str; 4] = ["config.json", "model.safetensors", "tokenizer.js
 
 fn offline(cache_dir: &Path) -> LoadOptions {
     LoadOptions {
-        device: Default::default(),
         hub: Some(HubSettings { cache_dir: cache_dir.to_path_buf(), offline: true, revision: "main".into() }),
+        ..Default::default()
     }
 }
 

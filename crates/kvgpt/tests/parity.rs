@@ -1,5 +1,6 @@
 //! Logits and greedy ids against HF transformers' references (test/fixtures/*/reference.*):
-//! f32 logits within 1e-4, greedy ids identical, with the KV cache on and off.
+//! f32 logits within 1e-4 (1e-3 on CUDA, whose reductions run in another order), greedy ids
+//! identical, with the KV cache on and off. KVGPT_TEST_DEVICE=cuda runs it on a GPU.
 
 mod common;
 use candle_core::{Tensor, D};
@@ -7,12 +8,11 @@ use common::*;
 use kvgpt::{KvCache, Logits};
 use std::collections::HashMap;
 
-const TOL: f32 = 1e-4;
-
 /// Checks every prompt of a fixture: last-position logits, the logits of the first and last
 /// greedy steps (computed through the KV cache), and greedy ids with the cache on and off.
 fn check_fixture(name: &str) {
     let model = load(name);
+    let tol = if model.gpt2().device().is_cpu() { 1e-4 } else { 1e-3 };
     let reference = reference_json(name);
     let logits = reference_logits(name);
     let n_new = reference["n_new"].as_u64().unwrap() as usize;
@@ -24,9 +24,9 @@ fn check_fixture(name: &str) {
 
         let last = model.gpt2().forward(&input, 0, None, Logits::Last).unwrap().squeeze(0).unwrap();
         let d = max_abs_diff(&last, &logits[&format!("prompt{i}.logits_last")]);
-        assert!(d < TOL, "{name} prompt{i} logits_last max diff {d}");
+        assert!(d < tol, "{name} prompt{i} logits_last max diff {d}");
         let d0 = max_abs_diff(&last, &logits[&format!("prompt{i}.step0.logits")]);
-        assert!(d0 < TOL, "{name} prompt{i} step0 max diff {d0}");
+        assert!(d0 < tol, "{name} prompt{i} step0 max diff {d0}");
 
         // Feed the reference greedy ids one at a time through a preallocated cache; the
         // logits of the last step must match HF's, and each step's max logit too.
@@ -38,7 +38,7 @@ fn check_fixture(name: &str) {
         let max_logits: Vec<f64> = p["greedy_step_max_logit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         for (s, &tok) in expected.iter().enumerate().take(n_new - 1) {
             let m = step.max(D::Minus1).unwrap().squeeze(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!((m as f64 - max_logits[s]).abs() < TOL as f64, "{name} prompt{i} step{s} max logit {m} vs {}", max_logits[s]);
+            assert!((m as f64 - max_logits[s]).abs() < tol as f64, "{name} prompt{i} step{s} max logit {m} vs {}", max_logits[s]);
             let pos = prompt.len() + s;
             let x = Tensor::new(&[tok], &dev).unwrap().unsqueeze(0).unwrap();
             step = model.gpt2().forward(&x, pos, Some(&mut cache), Logits::Last).unwrap();
@@ -47,7 +47,7 @@ fn check_fixture(name: &str) {
         assert_eq!(cache.len(), prompt.len() + n_new - 1);
         let key = format!("prompt{i}.step{}.logits", n_new - 1);
         let d = max_abs_diff(&step.squeeze(0).unwrap(), &logits[&key]);
-        assert!(d < TOL, "{name} {key} max diff {d}");
+        assert!(d < tol, "{name} {key} max diff {d}");
 
         for use_cache in [true, false] {
             let g = run(&model, &prompt, &greedy(n_new, use_cache));
@@ -59,7 +59,7 @@ fn check_fixture(name: &str) {
     let input = Tensor::new(p0.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
     let all = model.gpt2().forward(&input, 0, None, Logits::All).unwrap().squeeze(0).unwrap();
     let d = max_abs_diff(&all, &logits["prompt0.logits_all"]);
-    assert!(d < TOL, "{name} prompt0 logits_all max diff {d}");
+    assert!(d < tol, "{name} prompt0 logits_all max diff {d}");
     // HF's loss with labels=input_ids: mean cross-entropy of positions 1.. given the previous.
     let lsm = candle_nn::ops::log_softmax(&all, D::Minus1).unwrap();
     let mut nll = 0f64;

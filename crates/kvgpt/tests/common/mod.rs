@@ -2,17 +2,32 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
-use kvgpt::{GenerateOptions, Generation, LoadOptions, Model};
+use kvgpt::{DeviceKind, GenerateOptions, Generation, LoadOptions, Model, WeightDType};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
+/// test/fixtures/<name>, or under KVGPT_FIXTURES (for test binaries run away from the checkout).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures").join(name)
+    match std::env::var_os("KVGPT_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures").join(name),
+    }
+}
+
+/// The device the model tests run on: KVGPT_TEST_DEVICE ('cpu', 'cuda', 'auto'), CPU when unset.
+/// `KVGPT_TEST_DEVICE=cuda cargo test --features cuda` runs the parity suite on a GPU.
+pub fn test_device() -> DeviceKind {
+    DeviceKind::parse(&std::env::var("KVGPT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap()
 }
 
 pub fn load(name: &str) -> Model {
-    Model::load(fixture(name).to_str().unwrap(), &LoadOptions::default()).unwrap()
+    load_as(name, WeightDType::F32)
+}
+
+pub fn load_as(name: &str, dtype: WeightDType) -> Model {
+    let opts = LoadOptions { device: test_device(), dtype, hub: None };
+    Model::load(fixture(name).to_str().unwrap(), &opts).unwrap()
 }
 
 pub fn reference_json(name: &str) -> serde_json::Value {
@@ -28,8 +43,10 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
+/// max |a - b|, on the CPU (a may live on a GPU).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    let a = a.to_device(&Device::Cpu).unwrap();
+    (&a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 pub fn greedy(max_new_tokens: usize, use_cache: bool) -> GenerateOptions {
