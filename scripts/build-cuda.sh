@@ -30,6 +30,9 @@ if [ ! -x "$WHEELS/nvidia/cu13/bin/nvcc" ]; then
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
 fi
 
+CUDARC_DIR=$(cargo metadata --format-version 1 --manifest-path crates/kvgpt-node/Cargo.toml --features cuda |
+  python3 -c "import json, os, sys; print(next(os.path.dirname(p['manifest_path']) for p in json.load(sys.stdin)['packages'] if p['name'] == 'cudarc'))")
+
 # A CUDA_HOME laid out as the toolkit's: bin, include, nvvm, lib64 with the unversioned names the
 # linker asks for, and the libcuda stub.
 S="$WHEELS/nvidia/cu13"
@@ -39,7 +42,9 @@ for f in "$S"/lib/*.so.* "$S"/lib/*.a; do ln -s "$f" "$HOME_DIR/lib64/"; done
 ( cd "$HOME_DIR/lib64"
   for n in cudart nvrtc cublas cublasLt; do ln -sf "lib$n.so.13" "lib$n.so"; done
   ln -sf libcurand.so.10 libcurand.so
-  echo 'void cuInit(void){}' > stubs/cuda_stub.c
+  # Every driver entry point cudarc binds (an executable, unlike the addon, must resolve all of
+  # them at link time); the bodies are never run: the soname sends the loader to the real driver.
+  grep -o 'fn cu[A-Za-z0-9_]*' "$CUDARC_DIR/src/driver/sys/mod.rs" | sort -u | sed 's/^fn \(.*\)$/void \1(void) {}/' > stubs/cuda_stub.c
   cc -shared -fPIC -o stubs/libcuda.so -Wl,-soname,libcuda.so.1 stubs/cuda_stub.c
   ln -sf stubs/libcuda.so libcuda.so )
 

@@ -5,7 +5,7 @@
 #   kvgpt.linux-x64-gnu.cuda.node.xz   the CUDA build of the addon (scripts/build-cuda.sh)
 #   kvgpt.linux-x64-gnu.node.xz        the CPU build (loaded first, as in a real install)
 #   repo/                              dist/, index.js, bench/gpu/*, package.json
-#   tests/parity.xz, tests/dtypes.xz   the Rust test binaries built with --features cuda
+#   tests/parity.xz                   the Rust parity test binary built with --features cuda
 # Results go to $OUT (or ./gpu-out): kvgpt-gpu.json, hf-gpu.json, logs.
 set -uo pipefail
 PAYLOAD="$(cd "${PAYLOAD:-.gpu}" && pwd)"
@@ -23,7 +23,7 @@ for f in "$PAYLOAD"/*.node.xz "$PAYLOAD"/tests/*.xz; do xz -dk "$f"; chmod +x "$
 /tmp/node --version
 
 echo "== 1. Rust parity suite on CUDA (f32 logits within 1e-3; f16/bf16/q8_0 greedy ids)"
-for t in parity dtypes; do
+for t in parity; do
   KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$FIXTURES" "$PAYLOAD/tests/$t" --test-threads 1 --nocapture 2>&1 | tail -25
 done
 

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Stages what bench/gpu/run.sh needs on a GPU machine that has no Rust and no Node, into
 # $PAYLOAD (default .gpu, git-ignored): a Node binary (xz), the CPU and CUDA addons, dist/ and
-# the scripts, and the Rust parity/dtype test binaries built with --features cuda.
+# the scripts, and the Rust parity test binary (f32 and the dtypes) built with --features cuda.
 # Run after `npm run build` and `bash scripts/build-cuda.sh` (same CUDA env and target dir).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PAYLOAD="${PAYLOAD:-.gpu}"
 T=$(rustc -vV | sed -n 's/host: //p')
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"  # as scripts/build-cuda.sh
 H="${CUDA_HOME_DIR:-$PWD/.cuda/home}"
 export CUDA_HOME="$H" CUDA_PATH="$H" PATH="$H/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 
 rm -rf "$PAYLOAD"; mkdir -p "$PAYLOAD/tests" "$PAYLOAD/repo/bench"
-cargo test --release --target "$T" -p kvgpt --features cuda --test parity --test dtypes --no-run 2>&1 | tail -3
-for t in parity dtypes; do
+cargo test --release --target "$T" -p kvgpt --features cuda --test parity --no-run 2>&1 | tail -3
+for t in parity; do
   bin=$(ls -t "$CARGO_TARGET_DIR/$T/release/deps/$t"-* | grep -v '\.d$' | head -1)
   strip -o "$PAYLOAD/tests/$t" "$bin" && xz -T0 -6 "$PAYLOAD/tests/$t"
 done

@@ -19,7 +19,7 @@ fn main() {
     let qkv = Tensor::randn(0f32, 1., (1, 512, 2304), &d).unwrap();
     bench("gelu (1,512,3072)", || h.gelu().unwrap());
     bench("kvgpt gelu", || kvgpt::cpu_ops::gelu_tanh(&h).unwrap());
-    bench("kvgpt causal softmax", || kvgpt::cpu_ops::causal_softmax(&att, 0.125, 0).unwrap());
+    bench("kvgpt causal softmax", || kvgpt::cpu_ops::causal_softmax(&att, 0.125, 0, None).unwrap());
     bench("softmax (1,12,512,512)", || candle_nn::ops::softmax_last_dim(&att).unwrap());
     bench("mask add", || att.broadcast_add(&mask).unwrap());
     bench("scale mul", || (&att * 0.125).unwrap());

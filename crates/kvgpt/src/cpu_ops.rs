@@ -143,19 +143,25 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
-/// softmax(scale * att + causal mask) over the last dim of att (B, nh, T, pos + T).
-pub fn causal_softmax(att: &Tensor, scale: f64, pos: usize) -> Result<Tensor> {
+/// softmax(scale * att + causal mask) over the last dim of att (B, nh, T, pos + T). Off the CPU
+/// the mask is `mask` (`causal_mask(T, pos)` in att's dtype on its device, made once per forward
+/// pass rather than once per layer), built here when None.
+pub fn causal_softmax(att: &Tensor, scale: f64, pos: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     if is_cpu_f32(att) {
         return Ok(att.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale: scale as f32, pos })?);
     }
     let t = att.dim(2)?;
     let att = (att * scale)?;
-    let att = if t > 1 { att.broadcast_add(&causal_mask(t, pos, att.device())?.to_dtype(att.dtype())?)? } else { att };
+    let att = match (t > 1, mask) {
+        (false, _) => att,
+        (true, Some(mask)) => att.broadcast_add(mask)?,
+        (true, None) => att.broadcast_add(&causal_mask(t, pos, att.device())?.to_dtype(att.dtype())?)?,
+    };
     Ok(candle_nn::ops::softmax_last_dim(&att)?)
 }
 
 /// (T, pos + T) additive mask: query i (absolute position pos + i) sees keys 0..=pos + i.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
     let l = pos + t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..l).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
@@ -188,7 +194,7 @@ mod tests {
         let d = Device::Cpu;
         for (t, pos) in [(1, 0), (1, 9), (5, 0), (4, 3)] {
             let att = Tensor::randn(0f32, 3., (2, 3, t, pos + t), &d).unwrap();
-            let got = causal_softmax(&att, 0.125, pos).unwrap();
+            let got = causal_softmax(&att, 0.125, pos, None).unwrap();
             let mut want = (&att * 0.125).unwrap();
             if t > 1 {
                 want = want.broadcast_add(&causal_mask(t, pos, &d).unwrap()).unwrap();

@@ -253,9 +253,17 @@ impl Gpt2 {
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?; // (B, T, C)
         let pe = self.wpe.narrow(0, pos, t)?; // (T, C)
         let mut x = tok.broadcast_add(&pe)?;
+        // Off the CPU the causal mask is an additive tensor: made here once, not once per layer
+        // (at T = 910 without a cache that was 12 host-built 3.3 MB uploads a step).
+        let first = if cache.is_some() { pos } else { 0 }; // without a cache, keys start at this call's first token
+        let mask = if t > 1 && !cpu_ops::is_cpu_f32(&x) {
+            Some(cpu_ops::causal_mask(t, first, &self.device)?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.ln_1.forward(&x)?;
-            let h = block.attn.forward(&h, i, pos, cache.as_deref())?;
+            let h = block.attn.forward(&h, i, first, cache.as_deref(), mask.as_ref())?;
             x = (x + h)?;
             let h = block.ln_2.forward(&x)?;
             let h = block.mlp_proj.forward(&self.activation(&block.c_fc.forward(&h)?)?)?;
@@ -287,7 +295,9 @@ impl Gpt2 {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, layer: usize, pos: usize, cache: Option<&KvCache>) -> Result<Tensor> {
+    /// `first`: the absolute position of the first key (the cache's start, or this call's first
+    /// token without a cache); `mask`: the causal mask off the CPU (see `Gpt2::forward`).
+    fn forward(&self, x: &Tensor, layer: usize, first: usize, cache: Option<&KvCache>, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (nh, hs) = (self.n_head, c / self.n_head);
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
@@ -301,8 +311,7 @@ impl Attention {
             None => (k, v),
         };
         let att = q.matmul(&k.t()?)?; // (B, nh, T, L)
-        let first = if cache.is_some() { pos } else { 0 }; // without a cache, keys start at this call's first token
-        let att = cpu_ops::causal_softmax(&att, self.scale, first)?;
+        let att = cpu_ops::causal_softmax(&att, self.scale, first, mask)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
         Ok(self.c_proj.forward(&y)?)
