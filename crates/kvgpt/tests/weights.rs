@@ -197,3 +197,18 @@ fn a_bin_whose_tensor_claims_more_than_its_storage_is_refused_before_allocating(
     assert!(e.to_string().contains("not a readable PyTorch checkpoint"), "{e}");
     assert_no_large_allocation();
 }
+
+#[test]
+fn a_sharded_index_naming_a_missing_shard_is_file_not_found() {
+    let dir = TempDir::new("missing-shard");
+    copy_fixture_files("tiny-gpt2", &["config.json", "tokenizer.json"], dir.path());
+    let index = r#"{"metadata": {}, "weight_map": {"wte.weight": "model-00001-of-00002.safetensors"}}"#;
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+    let e = load_err(dir.path());
+    assert_eq!(e.code(), "KVGPT_FILE_NOT_FOUND");
+    let msg = e.to_string();
+    assert!(msg.starts_with("weights shard not found") && msg.contains("model-00001-of-00002.safetensors"), "{msg}");
+    // An index without a weight_map is malformed.
+    std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"metadata": {}}"#).unwrap();
+    assert_eq!(load_err(dir.path()).code(), "KVGPT_INVALID_FILE");
+}
