@@ -84,10 +84,17 @@ describe('every option at and past its bounds', () => {
   });
 
   it('booleans and the signal take their type only; options must be an object', async () => {
-    for (const opts of [{ ignoreEos: 'yes' }, { useCache: 0 }, { useCache: null }, { signal: new AbortController() }, { seed: 1n }, { stop: [1] }]) {
+    // Values whose own toString throws or is missing (found by the property test) included.
+    const odd = [{ toString: 0 }, Object.create(null), Symbol('s'), () => 1];
+    for (const opts of [{ ignoreEos: 'yes' }, { useCache: 0 }, { useCache: null }, { signal: new AbortController() }, { seed: 1n }, { stop: [1] }, ...odd.map((v) => ({ temperature: v })), { stop: Symbol('s') }]) {
       const err = await model.generate('x', opts as never).catch((e) => e);
       expect(err, JSON.stringify(Object.keys(opts))).toBeInstanceOf(TypeError);
       expect(err.code).toBe('KVGPT_OPTION_TYPE');
+    }
+    for (const prompt of odd) {
+      const err = await model.generate(prompt as never).catch((e) => e);
+      expect(err).toBeInstanceOf(TypeError);
+      expect(err.message).toMatch(/^prompt must be a string or an array of token ids, got (an object|a function|symbol Symbol\(s\))$/);
     }
     for (const opts of [5, 'fast', [], true]) {
       const err = await model.generate('x', opts as never).catch((e) => e);

@@ -59,7 +59,8 @@ describe('option validator', () => {
     fc.boolean(),
     fc.constant(null),
     fc.bigInt(),
-    fc.object({ maxDepth: 1 }),
+    fc.object({ maxDepth: 1 }), // includes objects whose toString is not a function
+    fc.constantFrom(Object.create(null), Symbol('s'), () => 1),
     fc.array(fc.integer(), { maxLength: 3 }),
   );
   const notNumber = wrongType.filter((v) => typeof v !== 'number');
