@@ -104,8 +104,12 @@ export function checkPrompt(prompt: unknown): string | number[] {
   throw optionTypeError(`prompt must be a string or an array of token ids, got ${describe(prompt)}`);
 }
 
+/** Names a value for an error message without calling its own methods (which may throw). */
 function describe(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'an array';
-  return typeof v === 'string' ? `the string ${JSON.stringify(v)}` : `${typeof v} ${String(v)}`;
+  if (typeof v === 'string') return `the string ${JSON.stringify(v)}`;
+  if (typeof v === 'object') return 'an object';
+  if (typeof v === 'function') return 'a function';
+  return `${typeof v} ${String(v)}`;
 }

@@ -1,6 +1,11 @@
 //! Reads a checkpoint's tensors: `model.safetensors`, a sharded `model.safetensors.index.json`,
 //! or a legacy `pytorch_model.bin`. Names come back without the `transformer.` prefix (both key
 //! styles load), and the causal-mask buffers `attn.bias` / `attn.masked_bias` are dropped.
+//! Hostile or corrupt files are refused before anything large is allocated: safetensors checks
+//! its header against the file; a `.bin`'s pickle must name only tensor-rebuild globals, and each
+//! tensor must fit in the bytes its storage entry holds.
+
+mod pickle_scan;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -113,8 +118,10 @@ pub fn load_tensors(source: &WeightsSource, device: &Device) -> Result<HashMap<S
             }
         }
         WeightsSource::PytorchBin(path) => {
+            let entries = check_pytorch_zip(path)?;
             let pth = candle_core::pickle::PthTensors::new(path, None)
                 .map_err(|e| Error::invalid_file(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+            check_extents(path, &pth, &entries)?;
             let mut names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
             names.sort();
             for name in names {
@@ -141,6 +148,67 @@ fn read_safetensors(
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
             .map_err(|e| Error::invalid_file(path, format!("tensor {name}: {e}")))?;
         put(&name, t, path)?;
+    }
+    Ok(())
+}
+
+/// A `data.pkl` larger than this is not a state dict's (GPT-2 XL's is well under 1 MiB).
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Opens a PyTorch zip checkpoint (`torch.save` since 1.6), scans every `*data.pkl` that candle
+/// would read for globals outside the tensor-rebuild allow-list, and returns the size of each
+/// entry (what a tensor's storage can hold).
+fn check_pytorch_zip(path: &Path) -> Result<HashMap<String, u64>> {
+    let unreadable = |e: &dyn std::fmt::Display| Error::invalid_file(path, format!("not a readable PyTorch checkpoint: {e}"));
+    let file = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| unreadable(&e))?;
+    let mut entries = HashMap::new();
+    for i in 0..zip.len() {
+        let entry = zip.by_index_raw(i).map_err(|e| unreadable(&e))?;
+        let name = entry.name().map_err(|e| unreadable(&e))?.into_owned();
+        entries.insert(name, entry.size());
+    }
+    for (name, &size) in &entries {
+        if !name.ends_with("data.pkl") {
+            continue;
+        }
+        if size > MAX_PICKLE_BYTES {
+            return Err(Error::invalid_file(path, format!("{name} is {size} bytes, too large for a state dict's pickle")));
+        }
+        let mut data = Vec::new();
+        let entry = zip.by_name(name).map_err(|e| unreadable(&e))?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(entry, MAX_PICKLE_BYTES + 1), &mut data)
+            .map_err(|e| unreadable(&e))?;
+        pickle_scan::scan(&data).map_err(|r| Error::invalid_file(path, format!("{name}: {r}")))?;
+    }
+    Ok(entries)
+}
+
+/// Each tensor must fit in its storage entry (and in the file), so a shape claiming gigabytes
+/// is an error here rather than an allocation in candle's reader.
+fn check_extents(path: &Path, pth: &candle_core::pickle::PthTensors, entries: &HashMap<String, u64>) -> Result<()> {
+    let file_len = std::fs::metadata(path).map_err(|e| Error::invalid_file(path, e))?.len();
+    for (name, info) in pth.tensor_infos() {
+        let layout = &info.layout;
+        let needed = layout
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|bytes| bytes.checked_add(layout.start_offset() as u64));
+        let held = entries.get(&info.path).map(|&size| size.min(file_len));
+        match (needed, held) {
+            (Some(needed), Some(held)) if needed <= held => {}
+            (_, None) => {
+                return Err(Error::invalid_file(path, format!("tensor {name}: its storage {} is not in the archive", info.path)))
+            }
+            (needed, Some(held)) => {
+                let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+                return Err(Error::invalid_file(
+                    path,
+                    format!("tensor {name} of shape {:?} needs {needed} bytes but its storage holds {held} (corrupt checkpoint)", layout.dims()),
+                ));
+            }
+        }
     }
     Ok(())
 }

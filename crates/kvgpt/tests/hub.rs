@@ -188,6 +188,27 @@ fn truncated_safetensors_is_invalid_file() {
 }
 
 #[test]
+fn a_directory_without_tokenizer_loads_for_ids_and_refuses_text() {
+    let dir = broken_dir("no-tokenizer", |d| std::fs::remove_file(d.join("tokenizer.json")).unwrap());
+    let model = Model::load(dir.path().to_str().unwrap(), &offline(dir.path())).unwrap();
+    let (prompt, expected) = reference_prompt("tiny-gpt2", 0);
+    let g = run(&model, &prompt, &greedy(40, true));
+    assert_eq!((g.tokens, g.text), (expected, None), "ids in, ids out, no text");
+    let e = model.tokenize("Hello").unwrap_err();
+    assert_eq!(e.code(), "KVGPT_TOKENIZER");
+    assert!(e.to_string().contains("pass token ids instead of text"), "{e}");
+    assert_eq!(model.decode(&prompt).unwrap_err().code(), "KVGPT_TOKENIZER");
+}
+
+#[test]
+fn a_corrupt_tokenizer_json_is_invalid_file() {
+    let dir = broken_dir("bad-tokenizer", |d| std::fs::write(d.join("tokenizer.json"), "{\"model\": 5").unwrap());
+    let e = load_err(dir.path().to_str().unwrap());
+    assert_eq!(e.code(), "KVGPT_INVALID_FILE");
+    assert!(e.to_string().contains("tokenizer.json") && e.to_string().contains("cannot build the tokenizer"), "{e}");
+}
+
+#[test]
 fn the_fixture_directory_loads_as_a_path() {
     // The control for the cases above: the unmodified copy loads and runs.
     let dir = broken_dir("intact", |_| {});
