@@ -24,7 +24,8 @@ for f in "$PAYLOAD"/*.node.xz "$PAYLOAD"/tests/*.xz; do xz -dk "$f"; chmod +x "$
 
 echo "== 1. Rust parity suite on CUDA (f32 logits within 1e-3; f16/bf16/q8_0 greedy ids)"
 for t in parity; do
-  KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$FIXTURES" "$PAYLOAD/tests/$t" --test-threads 1 --nocapture 2>&1 | tail -25
+  KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$FIXTURES" "$PAYLOAD/tests/$t" --test-threads 1 --nocapture 2>&1 |
+    grep -v -E '^ +[0-9]+: |^ +at ' # all of it but backtrace frames
 done
 
 echo "== 2. kvgpt through Node: device selection, parity by argmax, decode latency"

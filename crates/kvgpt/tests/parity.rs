@@ -96,8 +96,11 @@ fn prefill_in_chunks_equals_one_prefill() {
     let b = Tensor::new(&prompt[5..], &dev).unwrap().unsqueeze(0).unwrap();
     model.gpt2().forward(&a, 0, Some(&mut cache), Logits::Last).unwrap();
     let got = model.gpt2().forward(&b, 5, Some(&mut cache), Logits::Last).unwrap();
-    let tol = if dev.is_cpu() { 1e-5 } else { 1e-4 };
-    assert!(max_abs_diff(&got, &expected) < tol);
+    // On CUDA the two paths run products of other shapes, so other kernels: the HF bound there.
+    let tol = if dev.is_cpu() { 1e-5 } else { 1e-3 };
+    let d = max_abs_diff(&got, &expected);
+    println!("chunked prefill vs one prefill: max diff {d:.2e}");
+    assert!(d < tol, "chunked prefill differs by {d:.2e}");
 }
 
 #[test]
