@@ -48,10 +48,13 @@ export function requireCudaBinding(): { binding: Binding } | { missing: string }
   const failures: string[] = [];
   for (const candidate of candidates) {
     try {
-      return { binding: require(candidate) as Binding };
+      const binding = require(candidate) as Binding;
+      if (typeof binding?.loadModel !== 'function') return { missing: `${candidate} is not a kvgpt addon (it has no loadModel)` };
+      return { binding };
     } catch (e) {
       const detail = e instanceof Error ? e.message.split('\n')[0] : String(e);
-      const notThere = (e as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' && !/\.so/.test(detail);
+      // Not there at all (try the next place), as against there but failing to load.
+      const notThere = (e as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' && !/\.so[\d.]*: cannot open/.test(detail);
       if (!notThere) return { missing: cudaLoadFailure(candidate, detail) };
       failures.push(candidate);
     }
@@ -64,7 +67,7 @@ export function requireCudaBinding(): { binding: Binding } | { missing: string }
 }
 
 /** What a failed dlopen of the CUDA addon means for the user. */
-function cudaLoadFailure(file: string, detail: string): string {
+export function cudaLoadFailure(file: string, detail: string): string {
   const lib = /(lib[\w.+-]+\.so[\d.]*): cannot open shared object file/.exec(detail)?.[1];
   if (lib?.startsWith('libcuda.so')) {
     return `no NVIDIA driver on this machine: ${lib} (installed with the driver, CUDA 13 needs >= 580) could not be loaded by ${file}`;
