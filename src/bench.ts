@@ -7,6 +7,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { Gpt2, type Device, type DType } from './model';
+import { requireBinding } from './binding';
 import { writeChart, type Point } from './charts';
 
 /** The article's table: HF GPT2LMHeadModel.generate on CPU, seconds, by total length L. */
@@ -37,6 +38,8 @@ export interface BenchRun {
   jsHeapGrowthMB: number;
   cacheBytes: number;
   cacheBytesFormula: number;
+  /** Cache on, CPU: msPerToken over the bandwidth floor (weight bytes / measured bandwidth). */
+  ofBandwidthFloor?: number;
 }
 
 export interface BenchResult {
@@ -49,8 +52,16 @@ export interface BenchResult {
   dtype: string;
   threads: number;
   promptTokens: number;
+  /**
+   * CPU only: STREAM-triad bandwidth measured at the start of this run (bytes/s), the bytes a
+   * decode step must read (parameters x bytes per weight: 4 f32, 2 f16/bf16, 34/32 q8_0), and
+   * their quotient, the floor of a decode step in ms.
+   */
+  bandwidth?: { bytesPerSecond: number; weightBytes: number; floorMsPerToken: number };
   runs: BenchRun[];
 }
+
+const BYTES_PER_WEIGHT: Record<string, number> = { f32: 4, f16: 2, bf16: 2, q8_0: 34 / 32 };
 
 export interface BenchOptions {
   model?: string;
@@ -78,6 +89,13 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
   const described = o.model ?? `GPT-2 small shapes, seeded random weights (seed ${o.seed}); timing does not depend on the weights`;
   log(`model: ${described}`);
   log(`${info.nLayer} layers, ${info.nHead} heads, n_embd ${info.nEmbd}, ${(info.parameterCount / 1e6).toFixed(1)}M parameters, ${info.device} ${info.dtype}, ${o.threads} threads`);
+  let bandwidth: BenchResult['bandwidth'];
+  if (info.device === 'cpu') {
+    const bytesPerSecond = await requireBinding().measureBandwidth(128, 5);
+    const weightBytes = info.parameterCount * BYTES_PER_WEIGHT[info.dtype];
+    bandwidth = { bytesPerSecond, weightBytes, floorMsPerToken: (weightBytes / bytesPerSecond) * 1000 };
+    log(`memory bandwidth ${(bytesPerSecond / 1e9).toFixed(1)} GB/s (STREAM triad, 3 x 128 MiB); ${(weightBytes / 1e6).toFixed(0)} MB of weights a step: floor ${bandwidth.floorMsPerToken.toFixed(1)} ms/token`);
+  }
   const lengths = o.lengths.filter((l) => l > o.promptTokens && l <= info.nPositions);
   if (lengths.length !== o.lengths.length) {
     throw Object.assign(new RangeError(`lengths must be in (${o.promptTokens}, ${info.nPositions}] (prompt tokens, n_positions), got ${o.lengths.join(',')}`), { code: 'KVGPT_OPTION_RANGE' });
@@ -131,7 +149,8 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
         rssGrowthMB: mb(growth),
         jsHeapGrowthMB: mb(heapGrowth),
         cacheBytes,
-        cacheBytesFormula: cache ? 2 * info.nLayer * info.nEmbd * length * 1 * 4 : 0,
+        cacheBytesFormula: cache ? info.cacheBytesPerToken * length : 0,
+        ofBandwidthFloor: cache && bandwidth ? (med * 1000) / newTokens / bandwidth.floorMsPerToken : undefined,
       });
     }
   }
@@ -146,6 +165,7 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
     dtype: info.dtype,
     threads: o.threads,
     promptTokens: o.promptTokens,
+    bandwidth,
     runs,
   };
   model.dispose();
@@ -160,7 +180,7 @@ function pad(cells: string[], widths: number[]): string {
 export function formatTable(r: BenchResult, hf?: BenchResult): string {
   const lengths = [...new Set(r.runs.map((x) => x.length))];
   const find = (res: BenchResult | undefined, l: number, c: boolean) => res?.runs.find((x) => x.length === l && x.cache === c);
-  const head = ['L', 'off s', 'article', 'on s', 'article', 'off ms/tok', 'on ms/tok', 'speedup', 'peak RSS MB', 'RSS growth MB', 'of it JS heap', 'cache bytes', 'formula'];
+  const head = ['L', 'off s', 'article', 'on s', 'article', 'off ms/tok', 'on ms/tok', 'x floor', 'speedup', 'peak RSS MB', 'RSS growth MB', 'of it JS heap', 'cache bytes', 'formula'];
   if (hf) head.push('HF off s', 'HF on s', 'off ratio', 'on ratio');
   const rows = lengths.map((l) => {
     const off = find(r, l, false);
@@ -168,7 +188,7 @@ export function formatTable(r: BenchResult, hf?: BenchResult): string {
     const a = ARTICLE[l];
     const s = (x?: number, d = 2) => (x === undefined ? '-' : x.toFixed(d));
     const row = [
-      String(l), s(off?.medianSeconds), s(a?.off), s(on?.medianSeconds), s(a?.on), s(off?.msPerToken, 1), s(on?.msPerToken, 1),
+      String(l), s(off?.medianSeconds), s(a?.off), s(on?.medianSeconds), s(a?.on), s(off?.msPerToken, 1), s(on?.msPerToken, 1), s(on?.ofBandwidthFloor, 2),
       off && on ? `${(off.medianSeconds / on.medianSeconds).toFixed(2)}x` : '-',
       s(Math.max(on?.peakRssMB ?? 0, off?.peakRssMB ?? 0), 0), s(on?.rssGrowthMB, 1), s(on?.jsHeapGrowthMB, 1), on ? String(on.cacheBytes) : '-', on ? String(on.cacheBytesFormula) : '-',
     ];
@@ -184,8 +204,11 @@ export function formatTable(r: BenchResult, hf?: BenchResult): string {
   const lines = [pad(head, widths), ...rows.map((row) => pad(row, widths))];
   const notes = [
     `seconds: median of ${r.runs[0]?.seconds.length ?? 0} run(s) of greedy generation from a ${r.promptTokens}-token prompt to total length L; 'article' = the seed article's HF figures (its machine, not this one)`,
-    `speedup = cache off / cache on; cache bytes = allocated K/V buffers, formula = 2 x n_layer x n_embd x L x 1 x 4`,
+    `speedup = cache off / cache on; cache bytes = allocated K/V buffers, formula = 2 x n_layer x n_embd x L x 1 x bytes per element (${r.dtype})`,
   ];
+  if (r.bandwidth) {
+    notes.push(`x floor = cache-on ms/token over the bandwidth floor: ${(r.bandwidth.weightBytes / 1e6).toFixed(0)} MB of weights / ${(r.bandwidth.bytesPerSecond / 1e9).toFixed(1)} GB/s (STREAM triad measured in this run) = ${r.bandwidth.floorMsPerToken.toFixed(1)} ms`);
+  }
   if (hf) notes.push(`HF = ${hf.tool} measured in ${hf.model} (${hf.machine.runtime}, ${hf.threads} threads); ratio = kvgpt / HF (below 1: kvgpt faster)`);
   return [...lines, '', ...notes].join('\n');
 }

@@ -29,7 +29,16 @@ describe('kvgpt bench on the tiny fixture', () => {
       // The allocated cache is exactly the seed's formula at L positions (none with the cache off).
       expect(run.cacheBytes).toBe(run.cache ? 2 * 2 * 32 * run.length * 4 : 0);
       expect(run.cacheBytesFormula).toBe(run.cacheBytes);
+      // Cache-on rows are also a multiple of the bandwidth floor measured in the same run.
+      if (run.cache) expect(run.ofBandwidthFloor).toBeCloseTo(run.msPerToken / result.bandwidth.floorMsPerToken, 6);
+      else expect(run.ofBandwidthFloor).toBeUndefined();
     }
+    // The triad's bandwidth, the weights' bytes (2 layers x 32 wide: 4 bytes a parameter) and the floor.
+    expect(result.bandwidth.bytesPerSecond).toBeGreaterThan(1e8);
+    expect(result.bandwidth.weightBytes).toBe(4 * 1_637_792);
+    expect(result.bandwidth.floorMsPerToken).toBeCloseTo((result.bandwidth.weightBytes / result.bandwidth.bytesPerSecond) * 1000, 9);
+    expect(r.stderr).toMatch(/memory bandwidth [\d.]+ GB\/s \(STREAM triad/);
+    expect(r.stdout).toMatch(/x floor = cache-on ms\/token over the bandwidth floor/);
     for (const chart of ['total-time', 'per-token']) {
       const svg = readFileSync(join(out, `${chart}.svg`), 'utf8');
       expect(svg.startsWith('<svg')).toBe(true);

@@ -4,7 +4,7 @@
 use crate::error::{to_napi, IntoNapi};
 use crate::options::{NativeGenerateOptions, NativeLoadOptions};
 use crate::session::NativeSession;
-use crate::tasks::{GenerateTask, LoadTask, RandomTask, TokenCallback};
+use crate::tasks::{BandwidthTask, GenerateTask, LoadTask, RandomTask, TokenCallback};
 use kvgpt::{Error, Model};
 use napi::bindgen_prelude::{AsyncTask, Either};
 use napi_derive::napi;
@@ -15,6 +15,15 @@ use std::sync::{Arc, RwLock};
 #[napi(ts_return_type = "Promise<NativeModel>")]
 pub fn load_model(model: String, options: Option<NativeLoadOptions>) -> napi::Result<AsyncTask<LoadTask>> {
     Ok(AsyncTask::new(LoadTask { model, options: NativeLoadOptions::parse(options)? }))
+}
+
+/// Memory bandwidth in bytes per second: STREAM's triad over three arrays of `mib` MiB (1..=4096),
+/// best of `repeats` (1..=100), on the kernels' thread pool, off the JS thread.
+#[napi(ts_return_type = "Promise<number>")]
+pub fn measure_bandwidth(mib: u32, repeats: u32) -> napi::Result<AsyncTask<BandwidthTask>> {
+    let mib = crate::options::whole("mib", mib as f64, 4096.0).napi()?.max(1) as usize;
+    let repeats = crate::options::whole("repeats", repeats as f64, 100.0).napi()?.max(1) as usize;
+    Ok(AsyncTask::new(BandwidthTask { mib, repeats }))
 }
 
 /// Builds a model of a config's shapes (HF config.json text; GPT-2 small when omitted) with

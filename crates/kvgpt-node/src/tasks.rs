@@ -37,6 +37,25 @@ impl Task for LoadTask {
     }
 }
 
+/// The STREAM triad of `kvgpt::bandwidth` (arrays of `mib` MiB, best of `repeats`).
+pub struct BandwidthTask {
+    pub mib: usize,
+    pub repeats: usize,
+}
+
+impl Task for BandwidthTask {
+    type Output = f64;
+    type JsValue = f64;
+
+    fn compute(&mut self) -> napi::Result<f64> {
+        Ok(kvgpt::bandwidth::triad(self.mib, self.repeats))
+    }
+
+    fn resolve(&mut self, _env: Env, output: f64) -> napi::Result<f64> {
+        Ok(output)
+    }
+}
+
 pub struct RandomTask {
     pub config: kvgpt::Gpt2Config,
     pub seed: u64,

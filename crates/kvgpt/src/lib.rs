@@ -2,6 +2,7 @@
 //! and written in place. `Model::load` takes a checkpoint directory or a hub id;
 //! `Model::generate` runs prefill and decode with sampling, stop conditions and timings.
 
+pub mod bandwidth;
 pub mod config;
 pub mod cpu_ops;
 pub mod error;
