@@ -7,9 +7,13 @@ const { Gpt2 } = require('../dist');
 const RESULTS = `${__dirname}/results`;
 let model;
 
-/** GPT-2 small with random weights, or the model in KVGPT_BENCH_MODEL (a directory or hub id). */
+/**
+ * GPT-2 small with random weights, or the model in KVGPT_BENCH_MODEL (a directory or hub id),
+ * in KVGPT_BENCH_DTYPE (f32, f16, bf16, q8_0; default f32) on KVGPT_BENCH_DEVICE (default cpu).
+ */
 async function loadModel() {
-  if (!model) model = process.env.KVGPT_BENCH_MODEL ? await Gpt2.load(process.env.KVGPT_BENCH_MODEL) : await Gpt2.random({}, { seed: 0 });
+  const load = { dtype: process.env.KVGPT_BENCH_DTYPE ?? 'f32', device: process.env.KVGPT_BENCH_DEVICE ?? 'cpu' };
+  if (!model) model = process.env.KVGPT_BENCH_MODEL ? await Gpt2.load(process.env.KVGPT_BENCH_MODEL, load) : await Gpt2.random({}, { seed: 0, ...load });
   return model;
 }
 
@@ -28,8 +32,13 @@ function serial(body) {
   return () => (last = last.then(body));
 }
 
-/** Runs a benny suite of `cases` (from b.add) and saves JSON and chart HTML under bench/results. */
+/**
+ * Runs a benny suite of `cases` (from b.add) and saves JSON and chart HTML under bench/results,
+ * named after the suite and, when it is not f32, the dtype (decode-step-q8_0.json).
+ */
 function suite(name, cases) {
+  const dtype = process.env.KVGPT_BENCH_DTYPE;
+  if (dtype && dtype !== 'f32') name = `${name}-${dtype}`;
   return b.suite(
     name,
     ...cases,
