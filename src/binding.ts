@@ -6,6 +6,11 @@ import { KvgptError } from './errors';
 
 type Binding = typeof import('../index.js');
 
+/** The first line of what a failed require threw. */
+function loaderMessage(e: unknown): string {
+  return e instanceof Error ? e.message.split('\n')[0] : String(e);
+}
+
 /** The napi-rs platform name of this process: linux-x64-gnu, darwin-arm64, win32-x64-msvc, ... */
 export function platformName(): string {
   const { platform, arch } = process;
@@ -22,7 +27,7 @@ export function requireBinding(): Binding {
     return require('../index.js') as Binding;
   } catch (e) {
     const name = platformName();
-    const detail = e instanceof Error ? e.message.split('\n')[0] : String(e);
+    const detail = loaderMessage(e);
     const override = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
     throw new KvgptError(
       'KVGPT_NO_BINARY',
@@ -52,7 +57,7 @@ export function requireCudaBinding(): { binding: Binding } | { missing: string }
       if (typeof binding?.loadModel !== 'function') return { missing: `${candidate} is not a kvgpt addon (it has no loadModel)` };
       return { binding };
     } catch (e) {
-      const detail = e instanceof Error ? e.message.split('\n')[0] : String(e);
+      const detail = loaderMessage(e);
       // Not there at all (try the next place), as against there but failing to load.
       const notThere = (e as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' && !/\.so[\d.]*: cannot open/.test(detail);
       if (!notThere) return { missing: cudaLoadFailure(candidate, detail) };

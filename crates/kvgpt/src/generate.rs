@@ -177,8 +177,9 @@ impl Model {
         let mut stop = StopReason::MaxNewTokens;
         let mut logits = None;
         let device = self.gpt2.device().clone();
-        let device_argmax =
-            !device.is_cpu() && opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
+        // Plain greedy needs no sampler: `greedy_id` takes the argmax where the logits are (on a
+        // GPU only the id crosses to the host).
+        let plain_greedy = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
         if abort.load(Ordering::Relaxed) {
             stop = StopReason::Aborted;
         } else if opts.max_new_tokens > 0 {
@@ -189,7 +190,7 @@ impl Model {
         }
         while let Some(step_logits) = logits.take() {
             let t0 = Instant::now();
-            let token = if device_argmax {
+            let token = if plain_greedy {
                 crate::sampling::greedy_id(&step_logits.squeeze(0)?)?
             } else {
                 let mut row: Vec<f32> = step_logits.squeeze(0)?.to_vec1()?;
