@@ -34,9 +34,10 @@ function serial(body) {
 
 /**
  * Runs a benny suite of `cases` (from b.add) and saves JSON and chart HTML under bench/results,
- * named after the suite and, when it is not f32, the dtype (decode-step-q8_0.json).
+ * named after the suite and, when it is not f32, the dtype (decode-step-q8_0.json);
+ * `onComplete(summary)`, if given, runs once all cases are done.
  */
-function suite(name, cases) {
+function suite(name, cases, onComplete) {
   const dtype = process.env.KVGPT_BENCH_DTYPE;
   if (dtype && dtype !== 'f32') name = `${name}-${dtype}`;
   return b.suite(
@@ -45,9 +46,10 @@ function suite(name, cases) {
     b.configure({ cases: { minSamples: 5, maxTime: 3 }, minDisplayPrecision: 3 }),
     b.cycle(),
     b.complete(),
+    ...(onComplete ? [b.complete(onComplete)] : []),
     b.save({ file: name, folder: RESULTS, version: null, format: 'json', details: true }),
     b.save({ file: name, folder: RESULTS, version: null, format: 'chart.html' }),
   );
 }
 
-module.exports = { b, loadModel, ids, serial, suite };
+module.exports = { b, loadModel, ids, serial, suite, RESULTS };

@@ -61,7 +61,6 @@ export interface BenchResult {
   runs: BenchRun[];
 }
 
-const BYTES_PER_WEIGHT: Record<string, number> = { f32: 4, f16: 2, bf16: 2, q8_0: 34 / 32 };
 
 export interface BenchOptions {
   model?: string;
@@ -92,7 +91,7 @@ export async function runBench(o: BenchOptions, log: (line: string) => void): Pr
   let bandwidth: BenchResult['bandwidth'];
   if (info.device === 'cpu') {
     const bytesPerSecond = await requireBinding().measureBandwidth(128, 5);
-    const weightBytes = info.parameterCount * BYTES_PER_WEIGHT[info.dtype];
+    const weightBytes = info.stepWeightBytes;
     bandwidth = { bytesPerSecond, weightBytes, floorMsPerToken: (weightBytes / bytesPerSecond) * 1000 };
     log(`memory bandwidth ${(bytesPerSecond / 1e9).toFixed(1)} GB/s (STREAM triad, 3 x 128 MiB); ${(weightBytes / 1e6).toFixed(0)} MB of weights a step: floor ${bandwidth.floorMsPerToken.toFixed(1)} ms/token`);
   }

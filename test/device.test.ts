@@ -53,6 +53,11 @@ describe('device and dtype', () => {
     const model = await Gpt2.load(TINY, { dtype });
     expect(model.info.dtype).toBe(dtype);
     expect(model.info.cacheBytesPerToken).toBe(2 * 2 * 32 * (dtype === 'f16' || dtype === 'bf16' ? 2 : 4));
+    // Bytes a step reads: 4 a weight in f32, 2 in f16/bf16, 36/32 (int8 + an f32 scale per 32)
+    // in q8_0 for the linear layers, whose biases and the layer norms stay f32.
+    const f32Bytes = 4 * (model.info.parameterCount - 128 * 32);
+    const ratio = model.info.stepWeightBytes / f32Bytes;
+    expect(ratio).toBeCloseTo({ f32: 1, f16: 0.5, bf16: 0.5, q8_0: 0.28 }[dtype], 2);
     const r = reference(TINY).prompts[0];
     const g = await model.generate(r.input_ids, { maxNewTokens: 5, ignoreEos: true });
     // Prompt 0's first 5 greedy ids survive every dtype (parity.rs bounds the rest).

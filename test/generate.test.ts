@@ -220,6 +220,8 @@ describe('model info, tokenizer and lifecycle', () => {
     // wte 50257x32 + wpe 128x32 + 2 blocks + ln_f, as HF's num_parameters().
     const block = 2 * 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32;
     expect(info.parameterCount).toBe(50257 * 32 + 128 * 32 + 2 * block + 2 * 32);
+    // A decode step reads every weight but wpe's other rows; wte is the tied lm_head.
+    expect(info.stepWeightBytes).toBe(4 * (info.parameterCount - 128 * 32));
   });
 
   it('reports the cache bytes of a generation', async () => {

@@ -79,6 +79,8 @@ pub struct NativeModelInfo {
     pub parameter_count: f64,
     /// KV-cache bytes for one position of one sequence.
     pub cache_bytes_per_token: f64,
+    /// Bytes of weights one decode step reads (sets its memory-bandwidth floor).
+    pub step_weight_bytes: f64,
     pub device: String,
     pub dtype: String,
     pub load_ms: f64,
@@ -138,6 +140,7 @@ impl NativeModel {
             eos_token_ids: c.eos_token_ids.clone(),
             parameter_count: info.parameter_count as f64,
             cache_bytes_per_token: info.cache_bytes_per_token as f64,
+            step_weight_bytes: info.step_weight_bytes as f64,
             device: info.device.clone(),
             dtype: info.dtype.clone(),
             load_ms: info.load_ms,

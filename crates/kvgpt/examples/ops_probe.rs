@@ -19,7 +19,11 @@ fn main() {
     let qkv = Tensor::randn(0f32, 1., (1, 512, 2304), &d).unwrap();
     bench("gelu (1,512,3072)", || h.gelu().unwrap());
     bench("kvgpt gelu", || kvgpt::cpu_ops::gelu_tanh(&h).unwrap());
-    bench("kvgpt causal softmax", || kvgpt::cpu_ops::causal_softmax(&att, 0.125, 0, None).unwrap());
+    bench("kvgpt attention (12 heads, 512 queries)", || kvgpt::cpu_ops::attention(&q, &q, &q, 0.125).unwrap());
+    bench("candle q k^T, causal softmax, @ v", || {
+        let att = kvgpt::cpu_ops::causal_softmax(&q.matmul(&q.t().unwrap()).unwrap(), 0.125, 0, None).unwrap();
+        att.matmul(&q).unwrap()
+    });
     bench("softmax (1,12,512,512)", || candle_nn::ops::softmax_last_dim(&att).unwrap());
     bench("mask add", || att.broadcast_add(&mask).unwrap());
     bench("scale mul", || (&att * 0.125).unwrap());
@@ -29,4 +33,13 @@ fn main() {
     bench("split q contiguous", || qkv.narrow(2, 0, 768).unwrap().reshape((1, 512, 12, 64)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap());
     bench("y transpose back", || q.transpose(1, 2).unwrap().reshape((1, 512, 768)).unwrap());
     bench("residual add", || (&x + &x).unwrap());
+    for (name, n_in, n_out) in [("c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("c_fc", 768, 3072), ("mlp.c_proj", 3072, 768)] {
+        let w = Tensor::randn(0f32, 0.02, (n_out, n_in), &d).unwrap(); // (out, in) as the model keeps it
+        let bias = Tensor::zeros(n_out, candle_core::DType::F32, &d).unwrap();
+        let x = Tensor::randn(0f32, 1., (512, n_in), &d).unwrap();
+        bench(&format!("{name} x @ W^T (512 rows)"), || x.matmul(&w.t().unwrap()).unwrap());
+        bench(&format!("{name} + bias"), || x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap());
+        let wt = w.t().unwrap().contiguous().unwrap(); // (in, out): HF Conv1D's layout
+        bench(&format!("{name} x @ W (in, out) layout"), || x.matmul(&wt).unwrap());
+    }
 }

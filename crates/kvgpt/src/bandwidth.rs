@@ -30,6 +30,33 @@ pub fn triad(mib: usize, repeats: usize) -> f64 {
     (3 * n * 4) as f64 / best
 }
 
+/// Bytes per second of the best of `repeats` passes that only read one f32 array of `mib` MiB
+/// (a sum in eight lanes per chunk): the access pattern of a decode step's weights, which are
+/// read and never written.
+pub fn read(mib: usize, repeats: usize) -> f64 {
+    let n = (mib.max(1) << 20) / 4;
+    let a = vec![1.0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let sum: f32 = a
+            .par_chunks(CHUNK)
+            .map(|c| {
+                let mut lanes = [0f32; 8];
+                for c in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        lanes[i] += c[i];
+                    }
+                }
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(t.elapsed().as_secs_f64());
+        assert_eq!(sum as usize, n, "read every element");
+    }
+    (n * 4) as f64 / best
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -37,5 +64,7 @@ mod tests {
         let bps = super::triad(16, 2);
         // Anything between 100 MB/s and 10 TB/s is a machine; outside that the timing is broken.
         assert!(bps.is_finite() && bps > 1e8 && bps < 1e13, "{bps}");
+        let read = super::read(16, 2);
+        assert!(read.is_finite() && read > 1e8 && read < 1e13, "{read}");
     }
 }

@@ -111,6 +111,9 @@ pub struct ModelInfo {
     /// KV-cache bytes for one position of one sequence: 2 x n_layer x n_embd x bytes per element
     /// of the cache's dtype (4 for f32 and q8_0 models, 2 for f16/bf16).
     pub cache_bytes_per_token: usize,
+    /// Bytes of weights one decode step reads (`Gpt2::step_weight_bytes`): what sets its
+    /// memory-bandwidth floor.
+    pub step_weight_bytes: usize,
     pub device: String,
     pub dtype: String,
     pub load_ms: f64,
@@ -222,6 +225,7 @@ impl ModelInfo {
         Self {
             parameter_count: config.parameter_count(),
             cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
+            step_weight_bytes: gpt2.step_weight_bytes(),
             config,
             dir,
             weights_file,

@@ -1,8 +1,10 @@
-//! y = x W^T (+ b) for a few rows x: the products of a decode step and of short prompts.
-//! candle's gemm computes a one-row product on one thread, and few-row products slowly, which
-//! leaves these memory-bound products far from the machine's bandwidth; here W's rows are split
-//! over the rayon pool (candle's own), each row read once and dotted with every x row by an
-//! AVX2/FMA kernel (four x rows per pass) where the CPU has it.
+//! y = x W^T (+ b) on the CPU in f32. A few rows x (a decode step, a short prompt): candle's gemm
+//! computes a one-row product on one thread, and few-row products slowly, which leaves these
+//! memory-bound products far from the machine's bandwidth; here W's rows are split over the
+//! rayon pool (candle's own), each row read once and dotted with every x row by an AVX2/FMA
+//! kernel (four x rows per pass) where the CPU has it. More rows (a prompt): gemm, called
+//! directly so that the bias is added inside it (y starts as the bias) rather than in a pass of
+//! its own.
 
 use crate::cpu_ops::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -15,8 +17,32 @@ const ROWS_PER_TASK: usize = 64;
 /// the product is compute-bound (measured in bench/NOTES.md).
 pub const MAX_ROWS: usize = 32;
 
-fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (n, k) = w_l.shape().dims2()?; // W is (out, in), nn.Linear's layout
+/// W's rows as f32, however W is stored: f32 rows are borrowed as they are, quantized rows are
+/// expanded into `scratch` (k floats, in L1) just before their dot products.
+pub(crate) trait Rows: Sync {
+    /// (n, k): W is (out, in), nn.Linear's layout.
+    fn shape(&self) -> (usize, usize);
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut [f32]) -> &'a [f32];
+}
+
+struct Dense<'a> {
+    w: &'a [f32],
+    n: usize,
+    k: usize,
+}
+
+impl Rows for Dense<'_> {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn row<'a>(&'a self, r: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &self.w[r * self.k..(r + 1) * self.k]
+    }
+}
+
+/// y = x W^T (+ b) for x of m rows (m * k elements): y is (m, n), row-major.
+pub(crate) fn matvec_rows<R: Rows>(x: &[f32], w: &R, bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = w.shape();
     if k == 0 || x.len() % k != 0 {
         candle_core::bail!("matvec: x has {} elements, not rows of W's {k} columns", x.len());
     }
@@ -31,15 +57,17 @@ fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>
     yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let last = first + out.len() / m - 1; // the odd row out, when the block has one
-        let w_row = |r: usize| &w[r * k..(r + 1) * k];
+        let mut scratch = vec![0f32; 2 * k];
+        let (s0, s1) = scratch.split_at_mut(k);
         let b = |r: usize| bias.map_or(0.0, |b| b[r]);
         let mut pairs = out.chunks_exact_mut(2 * m);
         for (p, out) in pairs.by_ref().enumerate() {
             let (r0, r1) = (first + 2 * p, first + 2 * p + 1);
+            let (w0, w1) = (w.row(r0, s0), w.row(r1, s1));
             let (o0, o1) = out.split_at_mut(m);
             let mut i = 0;
             while i + 4 <= m {
-                let d = (kernels.dot2x4)([w_row(r0), w_row(r1)], [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
+                let d = (kernels.dot2x4)([w0, w1], [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
                 for j in 0..4 {
                     o0[i + j] = d[0][j] + b(r0);
                     o1[i + j] = d[1][j] + b(r1);
@@ -47,29 +75,93 @@ fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>
                 i += 4;
             }
             for i in i..m {
-                o0[i] = (kernels.dot)(w_row(r0), rows[i]) + b(r0);
-                o1[i] = (kernels.dot)(w_row(r1), rows[i]) + b(r1);
+                o0[i] = (kernels.dot)(w0, rows[i]) + b(r0);
+                o1[i] = (kernels.dot)(w1, rows[i]) + b(r1);
             }
         }
         let rest = pairs.into_remainder();
         if !rest.is_empty() {
+            let w_last = w.row(last, s0);
             for (i, o) in rest.iter_mut().enumerate() {
-                *o = (kernels.dot)(w_row(last), rows[i]) + b(last);
+                *o = (kernels.dot)(w_last, rows[i]) + b(last);
             }
         }
     });
-    let y = if m == 1 {
-        yt
+    if m == 1 {
+        return Ok(yt);
+    }
+    let mut y = vec![0f32; m * n];
+    y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        row.iter_mut().enumerate().for_each(|(r, v)| *v = yt[r * m + i]);
+    });
+    Ok(y)
+}
+
+fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (n, k) = w_l.shape().dims2()?;
+    let m = x.len() / k.max(1);
+    let y = if m <= MAX_ROWS {
+        matvec_rows(x, &Dense { w, n, k }, bias)?
     } else {
-        let mut y = vec![0f32; m * n];
-        y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-            row.iter_mut().enumerate().for_each(|(r, v)| *v = yt[r * m + i]);
-        });
+        if bias.is_some_and(|b| b.len() != n) || x.len() != m * k {
+            candle_core::bail!("linear: x ({} elements), W ({n}, {k}) and bias do not fit", x.len());
+        }
+        let mut y = start_with_bias(m, n, bias);
+        gemm_xwt(x, w, k, &mut y, n, bias.is_some());
         y
     };
+    Ok((CpuStorage::F32(y), out_shape(x_l, n)))
+}
+
+/// (m, n) rows each equal to the bias, or zeros.
+pub(crate) fn start_with_bias(m: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    match bias {
+        Some(b) => {
+            let mut y = vec![0f32; m * n];
+            y.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+            y
+        }
+        None => vec![0f32; m * n],
+    }
+}
+
+/// y (m, n_w) = x (m, k) W^T (+ y when `accumulate`), W (n_w, k) row-major, y's rows `y_stride`
+/// apart: gemm on the rayon pool. Adding to a y that starts as the bias fuses the bias add.
+pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], k: usize, y: &mut [f32], y_stride: usize, accumulate: bool) {
+    let (m, n_w) = (x.len() / k, w.len() / k);
+    assert!(m * k == x.len() && n_w * k == w.len() && n_w <= y_stride && (m == 0 || (m - 1) * y_stride + n_w <= y.len()));
+    // SAFETY: x is (m, k) and W (n_w, k) row-major inside their slices, read as x and W^T; y's
+    // m rows of n_w lie inside y (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n_w,
+            k,
+            y.as_mut_ptr(),
+            1,
+            y_stride as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// x's shape with the last dimension replaced by n.
+pub(crate) fn out_shape(x_l: &Layout, n: usize) -> Shape {
     let mut dims = x_l.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = n;
-    Ok((CpuStorage::F32(y), Shape::from(dims)))
+    Shape::from(dims)
 }
 
 struct MatVec;
@@ -101,7 +193,8 @@ impl CustomOp3 for MatVecBias {
     }
 }
 
-/// x W^T (+ b) for x (..., in) of at most a few rows, W (out, in), on the CPU in f32.
+/// x W^T (+ b) for x (..., in), W (out, in), on the CPU in f32: a few rows through the matvec
+/// kernel, more through gemm with the bias added in its output.
 pub fn matvec_cpu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     match b {
@@ -124,7 +217,8 @@ fn kernels() -> Kernels {
 }
 
 /// Eight independent partial sums, which LLVM vectorizes on any target.
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
@@ -145,6 +239,10 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
+        // Four rows ahead (a one-row product reads W's rows in order): about 10 % faster than
+        // the core's own prefetch alone for the lm_head (bench/NOTES.md item 9).
+        _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 4 * n) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + 4 * n + 16) as *const i8);
         for (j, acc) in acc.iter_mut().enumerate() {
             let x = _mm256_loadu_ps(pa.add(i + 8 * j));
             let y = _mm256_loadu_ps(pb.add(i + 8 * j));
@@ -204,7 +302,7 @@ mod tests {
     #[test]
     fn matches_candle_matmul() {
         let d = Device::Cpu;
-        for (m, n, k) in [(1, 1, 1), (1, 7, 13), (1, 100, 768), (1, 129, 40), (5, 70, 33), (8, 3, 768), (31, 65, 64)] {
+        for (m, n, k) in [(1, 1, 1), (1, 7, 13), (1, 100, 768), (1, 129, 40), (5, 70, 33), (8, 3, 768), (31, 65, 64), (33, 70, 33), (100, 129, 64)] {
             let x = Tensor::randn(0f32, 1.0, (1, m, k), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &d).unwrap();

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::cpu_ops;
 use crate::kv_cache::KvCache;
 use crate::loader::WeightDType;
+use crate::q8::Q8Linear;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::LayerNorm;
@@ -18,9 +19,10 @@ pub enum Logits {
     All,
 }
 
-/// A linear layer with nn.Linear's (out, in) weight. Inputs of a few rows (a decode step, a
-/// short prompt) on the CPU in f32 go through `matvec`, which uses every core; q8_0 weights
-/// through candle's quantized matmul; the rest through candle's matmul.
+/// A linear layer with nn.Linear's (out, in) weight. On the CPU in f32 it goes through `matvec`
+/// (its kernel for a few rows, gemm with the bias fused for more); q8_0 weights through `q8` on
+/// the CPU (f32 activations) and candle's quantized matmul elsewhere; the rest through candle's
+/// matmul.
 struct Linear {
     w: Weight,
     b: Option<Tensor>,
@@ -28,7 +30,10 @@ struct Linear {
 
 enum Weight {
     Dense(Tensor),
+    /// q8_0 off the CPU (candle's kernels).
     Q8_0(QMatMul),
+    /// q8_0 on the CPU; the bias lives inside.
+    Q8Cpu(Q8Linear),
 }
 
 impl Linear {
@@ -44,6 +49,9 @@ impl Linear {
                         GgmlDType::Q8_0.block_size()
                     )));
                 }
+                if w.device().is_cpu() {
+                    return Ok(Self { w: Weight::Q8Cpu(Q8Linear::new(&w, b.as_ref())?), b: None });
+                }
                 Weight::Q8_0(QMatMul::from_qtensor(QTensor::quantize(&w.contiguous()?, GgmlDType::Q8_0)?)?)
             }
             _ => Weight::Dense(w.to_dtype(act)?.contiguous()?),
@@ -52,10 +60,21 @@ impl Linear {
         Ok(Self { w, b })
     }
 
+    /// Bytes of weights (and bias) one product reads.
+    fn bytes(&self) -> usize {
+        let b = self.b.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        b + match &self.w {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Q8_0(QMatMul::QTensor(w)) => w.storage_size_in_bytes(),
+            Weight::Q8_0(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Q8Cpu(w) => w.bytes(),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let y = match &self.w {
-            Weight::Dense(w) if rows <= crate::matvec::MAX_ROWS && cpu_ops::is_cpu_f32(x) => {
+            Weight::Dense(w) if cpu_ops::is_cpu_f32(x) => {
                 return Ok(crate::matvec::matvec_cpu(x, w, self.b.as_ref())?);
             }
             Weight::Dense(w) => {
@@ -66,6 +85,7 @@ impl Linear {
                 x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
             }
             Weight::Q8_0(w) => x.contiguous()?.apply(w)?,
+            Weight::Q8Cpu(w) => return Ok(w.forward(x)?),
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -224,6 +244,18 @@ impl Gpt2 {
         self.dtype
     }
 
+    /// Bytes of weights one decode step reads: every linear layer with its bias, the lm_head
+    /// and the layer norms (of the embeddings, one row each).
+    pub fn step_weight_bytes(&self) -> usize {
+        let ln = |l: &LayerNorm| 2 * l.weight().elem_count() * l.weight().dtype().size_in_bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.attn.c_attn.bytes() + b.attn.c_proj.bytes() + b.c_fc.bytes() + b.mlp_proj.bytes() + ln(&b.ln_1) + ln(&b.ln_2))
+            .sum();
+        blocks + ln(&self.ln_f) + self.lm_head.bytes()
+    }
+
     /// Runs `ids` (B, T), whose first position is `pos`, through the model. With a cache, the
     /// new K/V are written in place and attention covers the cache's filled part; `pos` must
     /// then equal `cache.len()`. Without one, the sequence attends to itself only.
@@ -310,6 +342,9 @@ impl Attention {
             Some(cache) => cache.write(layer, &k, &v)?, // (B, nh, L, hs), L = filled + T
             None => (k, v),
         };
+        if cpu_ops::is_cpu_f32(&q) {
+            return self.c_proj.forward(&cpu_ops::attention(&q, &k, &v, self.scale)?); // (B, T, C) in
+        }
         let att = q.matmul(&k.t()?)?; // (B, nh, T, L)
         let att = cpu_ops::causal_softmax(&att, self.scale, first, mask)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
