@@ -1,5 +1,6 @@
 // kvgpt against HF transformers in one run (issue 4's ratios): a decode step at context 16,
-// 256, 512, 1000 (kvgpt f32 and q8_0, HF f32) and a prefill of 512 tokens, each a benny case.
+// 256, 512, 1000 (kvgpt f32, f16 and q8_0, HF f32) and a prefill of 512 tokens, each a benny
+// case.
 // HF's calls go to a long-lived Python worker (bench/hf/hf_worker.py) over a pipe; its `ping`
 // case gives the pipe's cost. The three contenders of one workload run one after another, so
 // this shared machine's drift hits them alike. Before the cases, the memory bandwidth is
@@ -45,8 +46,9 @@ async function main() {
   const hf = hfWorker();
   const hello = await hf.ready;
   const f32 = await Gpt2.random({}, { seed: 0, dtype: 'f32' });
+  const f16 = await Gpt2.random({}, { seed: 0, dtype: 'f16' });
   const q8 = await Gpt2.random({}, { seed: 0, dtype: 'q8_0' });
-  const contenders = { 'kvgpt f32': f32, 'kvgpt q8_0': q8 };
+  const contenders = { 'kvgpt f32': f32, 'kvgpt f16': f16, 'kvgpt q8_0': q8 };
   const bandwidth = await requireBinding().measureBandwidth(128, 5);
   console.log(`HF worker: torch ${hello.torch}, ${hello.threads} threads; triad ${(bandwidth / 1e9).toFixed(1)} GB/s`);
 

@@ -1,9 +1,10 @@
 //! One-row products of the lm_head's shape (50257 x 768), run in turns so that a noisy machine
-//! hits each alike: f32 matvec, q8_0 with f32 activations (`kvgpt::q8`), candle's q8_0 matmul.
+//! hits each alike: f32 matvec, q8_0 and f16 with f32 activations (`kvgpt::packed`), candle's
+//! q8_0 matmul.
 //! Prints each median and the bytes it read per second. `matvec_probe [ROWS] [REPEATS]`.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use kvgpt::q8::Q8Matrix;
+use kvgpt::packed::{PackedMatrix, Packing};
 use std::time::Instant;
 
 fn main() {
@@ -15,9 +16,10 @@ fn main() {
     let x = Tensor::randn(0f32, 1.0, (1, m, k), &d).unwrap();
     let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
     let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-    let q8 = Q8Matrix::quantize(&wv, n, k);
+    let q8 = PackedMatrix::pack(&wv, n, k, Packing::Q8_0);
+    let h = PackedMatrix::pack(&wv, n, k, Packing::F16);
     let cq = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
-    let mut times = [vec![], vec![], vec![]];
+    let mut times = [vec![], vec![], vec![], vec![]];
     for _ in 0..repeats {
         let t = Instant::now();
         std::hint::black_box(kvgpt::matvec::matvec_cpu(&x, &w, None).unwrap());
@@ -28,10 +30,13 @@ fn main() {
         let t = Instant::now();
         std::hint::black_box(cq.forward(&x).unwrap());
         times[2].push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(h.matmul(&xv, None).unwrap());
+        times[3].push(t.elapsed().as_secs_f64());
     }
     println!("triad {:.1} GB/s, read {:.1} GB/s", kvgpt::bandwidth::triad(128, 5) / 1e9, kvgpt::bandwidth::read(384, 5) / 1e9);
-    let bytes = [n * k * 4, q8.bytes(), n * k / 32 * 34];
-    for (i, name) in ["f32 matvec", "q8_0 (kvgpt, f32 x)", "q8_0 (candle)"].iter().enumerate() {
+    let bytes = [n * k * 4, q8.bytes(), n * k / 32 * 34, h.bytes()];
+    for (i, name) in ["f32 matvec", "q8_0 (kvgpt, f32 x)", "q8_0 (candle)", "f16 (kvgpt, f32 x)"].iter().enumerate() {
         let t = &mut times[i];
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let med = t[t.len() / 2];

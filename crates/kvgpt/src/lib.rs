@@ -12,7 +12,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod matvec;
 pub mod model;
-pub mod q8;
+pub mod packed;
 pub mod sampling;
 pub mod session;
 pub mod stream;

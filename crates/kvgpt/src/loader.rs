@@ -83,9 +83,12 @@ impl WeightDType {
         }
     }
 
-    /// The dtype of activations and of the KV cache.
-    pub fn activations(self) -> DType {
+    /// The dtype of activations and of the KV cache: f32 on the CPU for every weight dtype
+    /// (`packed` widens the weights in its kernels); elsewhere f16/bf16 models compute in
+    /// their dtype.
+    pub fn activations(self, device: &Device) -> DType {
         match self {
+            _ if device.is_cpu() => DType::F32,
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
             Self::F32 | Self::Q8_0 => DType::F32,

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::cpu_ops;
 use crate::kv_cache::KvCache;
 use crate::loader::WeightDType;
-use crate::q8::Q8Linear;
+use crate::packed::{PackedLinear, Packing};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::LayerNorm;
@@ -32,28 +32,34 @@ enum Weight {
     Dense(Tensor),
     /// q8_0 off the CPU (candle's kernels).
     Q8_0(QMatMul),
-    /// q8_0 on the CPU; the bias lives inside.
-    Q8Cpu(Q8Linear),
+    /// q8_0, f16 or bf16 on the CPU, with f32 activations; the bias lives inside.
+    Packed(PackedLinear),
 }
 
 impl Linear {
     /// `w` is (out, in) in f32; it is converted to `dtype` here, once.
     fn new(w: Tensor, b: Option<Tensor>, dtype: WeightDType) -> Result<Self> {
-        let act = dtype.activations();
-        let w = match dtype {
-            WeightDType::Q8_0 => {
-                let k = w.dim(1)?;
-                if k % GgmlDType::Q8_0.block_size() != 0 {
-                    return Err(Error::WeightsMismatch(format!(
-                        "q8_0 needs input sizes divisible by {}; this model has a layer with {k} inputs (use f32, f16 or bf16)",
-                        GgmlDType::Q8_0.block_size()
-                    )));
-                }
-                if w.device().is_cpu() {
-                    return Ok(Self { w: Weight::Q8Cpu(Q8Linear::new(&w, b.as_ref())?), b: None });
-                }
-                Weight::Q8_0(QMatMul::from_qtensor(QTensor::quantize(&w.contiguous()?, GgmlDType::Q8_0)?)?)
+        let k = w.dim(1)?;
+        if dtype == WeightDType::Q8_0 && k % GgmlDType::Q8_0.block_size() != 0 {
+            return Err(Error::WeightsMismatch(format!(
+                "q8_0 needs input sizes divisible by {}; this model has a layer with {k} inputs (use f32, f16 or bf16)",
+                GgmlDType::Q8_0.block_size()
+            )));
+        }
+        if w.device().is_cpu() {
+            let packing = match dtype {
+                WeightDType::F32 => None,
+                WeightDType::F16 => Some(Packing::F16),
+                WeightDType::Bf16 => Some(Packing::Bf16),
+                WeightDType::Q8_0 => Some(Packing::Q8_0),
+            };
+            if let Some(packing) = packing {
+                return Ok(Self { w: Weight::Packed(PackedLinear::new(&w, b.as_ref(), packing)?), b: None });
             }
+        }
+        let act = dtype.activations(w.device());
+        let w = match dtype {
+            WeightDType::Q8_0 => Weight::Q8_0(QMatMul::from_qtensor(QTensor::quantize(&w.contiguous()?, GgmlDType::Q8_0)?)?),
             _ => Weight::Dense(w.to_dtype(act)?.contiguous()?),
         };
         let b = b.map(|b| b.to_dtype(act)).transpose()?;
@@ -67,7 +73,7 @@ impl Linear {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Q8_0(QMatMul::QTensor(w)) => w.storage_size_in_bytes(),
             Weight::Q8_0(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Q8Cpu(w) => w.bytes(),
+            Weight::Packed(w) => w.bytes(),
         }
     }
 
@@ -85,7 +91,7 @@ impl Linear {
                 x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out_dims)?
             }
             Weight::Q8_0(w) => x.contiguous()?.apply(w)?,
-            Weight::Q8Cpu(w) => return Ok(w.forward(x)?),
+            Weight::Packed(w) => return Ok(w.forward(x)?),
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -151,8 +157,9 @@ impl Weights<'_> {
     }
 
     fn layer_norm(&mut self, prefix: &str, n: usize, eps: f64) -> Result<LayerNorm> {
-        let act = self.dtype.activations();
-        let w = self.take(&format!("{prefix}.weight"), &[n])?.to_dtype(act)?;
+        let w = self.take(&format!("{prefix}.weight"), &[n])?;
+        let act = self.dtype.activations(w.device());
+        let w = w.to_dtype(act)?;
         let b = self.take(&format!("{prefix}.bias"), &[n])?.to_dtype(act)?;
         Ok(LayerNorm::new(w, b, eps))
     }
@@ -163,7 +170,7 @@ impl Gpt2 {
     /// converting them to `dtype`.
     pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device, dtype: WeightDType) -> Result<Self> {
         let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon);
-        let act = dtype.activations();
+        let act = dtype.activations(device);
         let lm_head_untied = map.remove("lm_head.weight");
         let mut w = Weights { map: &mut map, dtype };
         let wte = w.take("wte.weight", &[v, c])?;

@@ -1,0 +1,603 @@
+//! Reduced-precision weights on the CPU with f32 activations: q8_0 (blocks of 32 int8 with one
+//! scale, quantized as ggml's q8_0 does: d = max|w| / 127, q = round(w / d); the scale kept as
+//! an f32, so 1.125 bytes a weight), f16 and bf16 (2 bytes a weight). The activations, the KV
+//! cache and every sum stay f32, so a product carries the weights' rounding only (candle's CPU
+//! q8_0 matmul quantizes the activations too, and its f16/bf16 kernels are slower than f32).
+//! One-row products (a decode step) read four rows of W at a time, widen them in registers and
+//! prefetch the next four (AVX-512 or AVX2 kernels, chosen at run time); a few rows (a short
+//! prompt) expand each row of W into f32 in L1 for the matvec kernel (`matvec::Rows`); many
+//! rows expand W a slab at a time for gemm.
+
+use crate::cpu_ops::f32_slice;
+use crate::matvec::{self, Rows};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Weights per q8_0 block, as in ggml.
+pub const BLOCK: usize = 32;
+
+/// Rows of W per rayon task in a one-row product.
+const ROWS_PER_TASK: usize = 64;
+
+/// Rows of W expanded to f32 at a time for a many-row product: 1024 x 3072 floats is 12 MB.
+const SLAB_ROWS: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    Q8_0,
+    F16,
+    Bf16,
+}
+
+enum Data {
+    Q8 { q: Vec<i8>, d: Vec<f32> }, // q (n, k), d (n, k / BLOCK)
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+/// W (n, k) = (out, in), nn.Linear's layout, in a reduced precision.
+pub struct PackedMatrix {
+    n: usize,
+    k: usize,
+    data: Data,
+}
+
+impl PackedMatrix {
+    /// Packs W (n, k), row-major f32; q8_0 needs k to be a multiple of `BLOCK`.
+    pub fn pack(w: &[f32], n: usize, k: usize, packing: Packing) -> Self {
+        assert_eq!(w.len(), n * k, "W must be (n, k)");
+        let data = match packing {
+            Packing::Q8_0 => {
+                assert!(k % BLOCK == 0, "q8_0: k must be a multiple of {BLOCK}");
+                let mut q = vec![0i8; n * k];
+                let mut d = vec![0f32; n * k / BLOCK];
+                let chunk = BLOCK * 256;
+                q.par_chunks_mut(chunk).zip(d.par_chunks_mut(256)).zip(w.par_chunks(chunk)).for_each(|((q, d), w)| {
+                    for ((q, d), w) in q.chunks_exact_mut(BLOCK).zip(d.iter_mut()).zip(w.chunks_exact(BLOCK)) {
+                        let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        *d = amax / 127.0;
+                        let inv = if *d != 0.0 { 1.0 / *d } else { 0.0 };
+                        for (q, &x) in q.iter_mut().zip(w) {
+                            *q = (x * inv).round() as i8;
+                        }
+                    }
+                });
+                Data::Q8 { q, d }
+            }
+            Packing::F16 => {
+                let mut h = vec![f16::ZERO; n * k];
+                h.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(h, w)| h.convert_from_f32_slice(w));
+                Data::F16(h)
+            }
+            Packing::Bf16 => {
+                let mut h = vec![bf16::ZERO; n * k];
+                h.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(h, w)| h.convert_from_f32_slice(w));
+                Data::Bf16(h)
+            }
+        };
+        Self { n, k, data }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    pub fn packing(&self) -> Packing {
+        match self.data {
+            Data::Q8 { .. } => Packing::Q8_0,
+            Data::F16(_) => Packing::F16,
+            Data::Bf16(_) => Packing::Bf16,
+        }
+    }
+
+    /// Bytes the weights take, which a decode step reads.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::Q8 { q, d } => q.len() + 4 * d.len(),
+            Data::F16(h) => 2 * h.len(),
+            Data::Bf16(h) => 2 * h.len(),
+        }
+    }
+
+    /// W as f32 (n, k): what the packed weights stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1)).enumerate().for_each(|(r, out)| {
+            self.row(r, out);
+        });
+        w
+    }
+
+    /// y = x W^T (+ b) for x of m rows (m * k elements); y is (m, n).
+    pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        if k == 0 || x.len() % k != 0 {
+            candle_core::bail!("packed matmul: x has {} elements, not rows of W's {k} columns", x.len());
+        }
+        if bias.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("packed matmul: bias does not have {n} elements");
+        }
+        let m = x.len() / k;
+        if m == 1 {
+            return Ok(self.matvec(x, bias));
+        }
+        if m <= matvec::MAX_ROWS {
+            return matvec::matvec_rows(x, self, bias);
+        }
+        // Compute-bound: expand a slab of W's rows to f32 and let gemm multiply it, adding to
+        // the slab's columns of y (which start as the bias).
+        let mut y = matvec::start_with_bias(m, n, bias);
+        let mut slab = vec![0f32; SLAB_ROWS.min(n) * k];
+        for first in (0..n).step_by(SLAB_ROWS) {
+            let rows = SLAB_ROWS.min(n - first);
+            let slab = &mut slab[..rows * k];
+            slab.par_chunks_mut(k).enumerate().for_each(|(i, out)| {
+                self.row(first + i, out);
+            });
+            matvec::gemm_xwt(x, slab, k, &mut y[first..], n, bias.is_some());
+        }
+        Ok(y)
+    }
+
+    /// One row x: W's rows four at a time straight from their packed form.
+    fn matvec(&self, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let b = |r: usize| bias.map_or(0.0, |b| b[r]);
+        let mut y = vec![0f32; self.n];
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            let len = out.len();
+            let mut quads = out.chunks_exact_mut(4);
+            for (i, y) in quads.by_ref().enumerate() {
+                let r = first + 4 * i;
+                let v = self.dot4(r, x);
+                for j in 0..4 {
+                    y[j] = v[j] + b(r + j);
+                }
+            }
+            let rest = quads.into_remainder();
+            let start = first + len - rest.len();
+            let mut scratch = vec![0f32; if rest.is_empty() { 0 } else { self.k }];
+            for (i, y) in rest.iter_mut().enumerate() {
+                *y = matvec::dot_portable(self.row(start + i, &mut scratch), x) + b(start + i);
+            }
+        });
+        y
+    }
+
+    /// Rows r..r + 4 of W dotted with x.
+    fn dot4(&self, r: usize, x: &[f32]) -> [f32; 4] {
+        let k = self.k;
+        let rows = |i: usize| (r + i) * k..(r + i + 1) * k;
+        match &self.data {
+            Data::Q8 { q, d } => {
+                let nb = k / BLOCK;
+                let qs = [0, 1, 2, 3].map(|i| &q[rows(i)]);
+                let ds = [0, 1, 2, 3].map(|i| &d[(r + i) * nb..(r + i + 1) * nb]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { q8_dot4_avx512(qs, ds, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                        return [0, 1, 2, 3].map(|i| unsafe { q8_dot_avx2(qs[i], ds[i], x) });
+                    }
+                }
+                [0, 1, 2, 3].map(|i| q8_dot_portable(qs[i], ds[i], x))
+            }
+            Data::F16(h) => {
+                let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { f16_dot4_avx512(ws, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                        return unsafe { f16_dot4_avx2(ws, x) };
+                    }
+                }
+                ws.map(|w| w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum())
+            }
+            Data::Bf16(h) => {
+                let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { bf16_dot4_avx512(ws, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                        return unsafe { bf16_dot4_avx2(ws, x) };
+                    }
+                }
+                ws.map(|w| w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum())
+            }
+        }
+    }
+}
+
+impl Rows for PackedMatrix {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+        let k = self.k;
+        let out = &mut scratch[..k];
+        match &self.data {
+            Data::Q8 { q, d } => {
+                let nb = k / BLOCK;
+                q8_expand(&q[r * k..(r + 1) * k], &d[r * nb..(r + 1) * nb], out);
+            }
+            Data::F16(h) => h[r * k..(r + 1) * k].convert_to_f32_slice(out),
+            Data::Bf16(h) => h[r * k..(r + 1) * k].convert_to_f32_slice(out),
+        }
+        out
+    }
+}
+
+/// int8 blocks times their scales, into f32.
+#[inline(always)]
+fn q8_expand_portable(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((q, &d), out) in q.chunks_exact(BLOCK).zip(d).zip(out.chunks_exact_mut(BLOCK)) {
+        for (o, &q) in out.iter_mut().zip(q) {
+            *o = q as f32 * d;
+        }
+    }
+}
+
+fn q8_expand(q: &[i8], d: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
+            q8_expand_portable(q, d, out) // the same loop, vectorized for AVX2 by LLVM
+        }
+        return unsafe { avx2(q, d, out) };
+    }
+    q8_expand_portable(q, d, out)
+}
+
+/// One q8_0 row dotted with x in f32.
+fn q8_dot_portable(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for ((q, &d), x) in q.chunks_exact(BLOCK).zip(d).zip(x.chunks_exact(BLOCK)) {
+        let mut lanes = [0f32; 8];
+        for (q, x) in q.chunks_exact(8).zip(x.chunks_exact(8)) {
+            for i in 0..8 {
+                lanes[i] += q[i] as f32 * x[i];
+            }
+        }
+        acc += d * lanes.iter().sum::<f32>();
+    }
+    acc
+}
+
+// The one-row kernels below read four rows of W and, one 64-byte line per row at a time, ask
+// for the next four rows (the next call's) with a software prefetch: widening the packed values
+// leaves too few loads in flight for the core's own prefetch (q8_0 lm_head on one thread:
+// 8.7 -> 4.5 ms; bench/NOTES.md item 9). Past W's end the prefetch address is never read.
+
+/// Four q8_0 rows: per block two 16-wide products of the widened int8 values with x (loaded
+/// once for the four rows), scaled into four independent accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn q8_dot4_avx512(q: [&[i8]; 4], d: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let nb = d[0].len();
+    for r in 0..4 {
+        assert!(d[r].len() == nb && q[r].len() >= nb * BLOCK);
+    }
+    assert!(x.len() >= nb * BLOCK);
+    let px = x.as_ptr();
+    let pq = q.map(|q| q.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for b in 0..nb {
+        if b % 2 == 0 {
+            for p in pq {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * nb * BLOCK + b * BLOCK));
+            }
+        }
+        let x0 = _mm512_loadu_ps(px.add(b * BLOCK));
+        let x1 = _mm512_loadu_ps(px.add(b * BLOCK + 16));
+        for r in 0..4 {
+            let w = |j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq[r].add(b * BLOCK + 16 * j) as *const __m128i)));
+            let p = _mm512_fmadd_ps(w(1), x1, _mm512_mul_ps(w(0), x0));
+            acc[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(*d[r].get_unchecked(b)), acc[r]);
+        }
+    }
+    acc.map(|a| _mm512_reduce_add_ps(a))
+}
+
+/// One q8_0 row, 8-wide: four products a block summed in a tree, so no chain links the blocks
+/// but the final multiply-add by the scale, split over two accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_dot_avx2(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = d.len();
+    assert!(q.len() >= nb * BLOCK && x.len() >= nb * BLOCK);
+    let (pq, px) = (q.as_ptr(), x.as_ptr());
+    let block = |b: usize| -> __m256 {
+        if b % 2 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(pq.wrapping_add(4 * nb * BLOCK + b * BLOCK));
+        }
+        let w = |j: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(pq.add(b * BLOCK + 8 * j) as *const __m128i)));
+        let xv = |j: usize| _mm256_loadu_ps(px.add(b * BLOCK + 8 * j));
+        let p01 = _mm256_fmadd_ps(w(1), xv(1), _mm256_mul_ps(w(0), xv(0)));
+        let p23 = _mm256_fmadd_ps(w(3), xv(3), _mm256_mul_ps(w(2), xv(2)));
+        _mm256_add_ps(p01, p23)
+    };
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc[0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*d.get_unchecked(b)), acc[0]);
+        acc[1] = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(*d.get_unchecked(b + 1)), acc[1]);
+        b += 2;
+    }
+    if b < nb {
+        acc[0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*d.get_unchecked(b)), acc[0]);
+    }
+    hsum256(_mm256_add_ps(acc[0], acc[1]))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    lanes.iter().sum()
+}
+
+/// Four 16-bit rows (f16 or bf16, widened by `widen`), 16 values a step; `tail` widens one.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half_dot4_avx512<T>(
+    w: [&[T]; 4],
+    x: &[f32],
+    widen: impl Fn(std::arch::x86_64::__m256i) -> std::arch::x86_64::__m512,
+    tail: impl Fn(&T) -> f32,
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    for r in 0..4 {
+        assert!(w[r].len() == k);
+    }
+    let pw = w.map(|w| w.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 16 <= k {
+        if i % 32 == 0 {
+            for p in pw {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
+            }
+        }
+        let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+        for r in 0..4 {
+            acc[r] = _mm512_fmadd_ps(widen(_mm256_loadu_si256(pw[r].add(i) as *const __m256i)), xv, acc[r]);
+        }
+        i += 16;
+    }
+    let mut out = acc.map(|a| _mm512_reduce_add_ps(a));
+    for (r, o) in out.iter_mut().enumerate() {
+        *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
+    }
+    out
+}
+
+/// `half_dot4_avx512` 8 values a step.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half_dot4_avx2<T>(
+    w: [&[T]; 4],
+    x: &[f32],
+    widen: impl Fn(std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256,
+    tail: impl Fn(&T) -> f32,
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    for r in 0..4 {
+        assert!(w[r].len() == k);
+    }
+    let pw = w.map(|w| w.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= k {
+        if i % 32 == 0 {
+            for p in pw {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
+            }
+        }
+        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+        for r in 0..4 {
+            acc[r] = _mm256_fmadd_ps(widen(_mm_loadu_si128(pw[r].add(i) as *const __m128i)), xv, acc[r]);
+        }
+        i += 8;
+    }
+    let mut out = acc.map(|a| hsum256(a));
+    for (r, o) in out.iter_mut().enumerate() {
+        *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_dot4_avx512(w: [&[f16]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    half_dot4_avx512(w, x, |v| _mm512_cvtph_ps(v), |h| h.to_f32())
+}
+
+/// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_dot4_avx512(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    half_dot4_avx512(w, x, |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))), |h| h.to_f32())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dot4_avx2(w: [&[f16]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    half_dot4_avx2(w, x, |v| _mm256_cvtph_ps(v), |h| h.to_f32())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_dot4_avx2(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    half_dot4_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
+}
+
+/// x W^T (+ b) as a candle op: x (..., k) f32 on the CPU, contiguous.
+struct PackedOp<'a> {
+    w: &'a PackedMatrix,
+    b: Option<&'a [f32]>,
+}
+
+impl CustomOp1 for PackedOp<'_> {
+    fn name(&self) -> &'static str {
+        "kvgpt-packed-matmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.w.matmul(f32_slice(s, l, "x")?, self.b)?;
+        Ok((CpuStorage::F32(y), matvec::out_shape(l, self.w.n)))
+    }
+}
+
+/// A linear layer with packed weights on the CPU; its bias stays f32.
+pub struct PackedLinear {
+    w: PackedMatrix,
+    b: Option<Vec<f32>>,
+}
+
+impl PackedLinear {
+    /// `w` (out, in) and `b` (out) in f32 on the CPU.
+    pub fn new(w: &Tensor, b: Option<&Tensor>, packing: Packing) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let data: Vec<f32> = w.contiguous()?.flatten_all()?.to_vec1()?;
+        let b = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Self { w: PackedMatrix::pack(&data, n, k, packing), b })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&PackedOp { w: &self.w, b: self.b.as_deref() })
+    }
+
+    /// Bytes of weights and bias.
+    pub fn bytes(&self) -> usize {
+        self.w.bytes() + 4 * self.b.as_ref().map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    const ALL: [Packing; 3] = [Packing::Q8_0, Packing::F16, Packing::Bf16];
+
+    fn uniform(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// ggml's q8_0 on one block: scale max|w| / 127, values rounded half away from zero.
+    #[test]
+    fn quantizes_as_ggml_q8_0() {
+        let mut w = vec![0f32; 64];
+        w[0] = -2.54;
+        w[1] = 1.27; // exactly half the range: 63.5 rounds away from zero to 64
+        w[2] = 0.005; // under half a step: 0
+        let m = PackedMatrix::pack(&w, 1, 64, Packing::Q8_0);
+        let Data::Q8 { q, d } = &m.data else { panic!("not q8_0") };
+        assert!((d[0] - 0.02).abs() < 1e-7 && d[1] == 0.0);
+        assert_eq!(&q[..3], &[-127, 64, 0]);
+        assert_eq!(m.bytes(), 64 + 8);
+        let back = m.dequantize();
+        assert!((back[0] + 2.54).abs() < 1e-6 && back[63] == 0.0);
+        assert_eq!(PackedMatrix::pack(&w, 2, 32, Packing::F16).bytes(), 128);
+    }
+
+    /// Against the dequantized weights in plain f32 arithmetic, for one row (the four-row
+    /// kernels, n not a multiple of 4), a few rows (matvec) and many (slabs + gemm, with a slab
+    /// boundary inside W), with and without bias; and each packing's rounding bound.
+    #[test]
+    fn matmul_matches_dequantized_weights() {
+        for packing in ALL {
+            for (m, n, k) in [(1, 3, 32), (1, 129, 768), (1, 70, 3072), (4, 70, 64), (31, 65, 96), (33, 1030, 64), (70, 2100, 128)] {
+                let w = uniform(n * k, 1);
+                let x = uniform(m * k, 2);
+                let b = uniform(n, 3);
+                let p = PackedMatrix::pack(&w, n, k, packing);
+                assert_eq!(p.packing(), packing);
+                let wd = p.dequantize();
+                for (i, (a, b)) in w.iter().zip(&wd).enumerate() {
+                    let bound = match &p.data {
+                        Data::Q8 { d, .. } => d[i / BLOCK] * 0.5 + 1e-7, // half a step of its block
+                        Data::F16(_) => a.abs() * 4.9e-4 + 6e-8,         // 2^-11 relative
+                        Data::Bf16(_) => a.abs() * 3.9e-3,               // 2^-8 relative
+                    };
+                    assert!((a - b).abs() <= bound, "{packing:?} {a} -> {b}");
+                }
+                for bias in [Some(b.as_slice()), None] {
+                    let y = p.matmul(&x, bias).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f32 = (0..k).map(|t| x[i * k + t] * wd[j * k + t]).sum::<f32>() + bias.map_or(0.0, |b| b[j]);
+                            let got = y[i * n + j];
+                            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{packing:?} m={m} n={n} k={k} ({i},{j}): {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 kernels, which this machine's AVX-512 would otherwise shadow, against the
+    /// portable sums.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_match_portable() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")) {
+            return;
+        }
+        let (n, k) = (4, 1608); // not a multiple of 16, so the scalar tail runs too
+        let w = uniform(n * k, 4);
+        let x = uniform(k, 5);
+        let close = |a: [f32; 4], b: [f32; 4]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-3 * (1.0 + b.abs()));
+        let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let bh: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let rows = |i: usize| i * k..(i + 1) * k;
+        let want = |f: &dyn Fn(usize) -> f32| [0, 1, 2, 3].map(f);
+        let got = unsafe { f16_dot4_avx2([0, 1, 2, 3].map(|i| &h[rows(i)]), &x) };
+        assert!(close(got, want(&|i| h[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
+        let got = unsafe { bf16_dot4_avx2([0, 1, 2, 3].map(|i| &bh[rows(i)]), &x) };
+        assert!(close(got, want(&|i| bh[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
+        let k = 24 * BLOCK;
+        let p = PackedMatrix::pack(&w[..n * k], n, k, Packing::Q8_0);
+        let Data::Q8 { q, d } = &p.data else { unreachable!() };
+        let nb = k / BLOCK;
+        let got = [0, 1, 2, 3].map(|i| unsafe { q8_dot_avx2(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]) });
+        assert!(close(got, [0, 1, 2, 3].map(|i| q8_dot_portable(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]))));
+    }
+
+    #[test]
+    fn linear_op_keeps_leading_dims() {
+        let d = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 48, &d).unwrap();
+        let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&Tensor::ones((2, 3, 64), candle_core::DType::F32, &d).unwrap()).unwrap();
+        for (packing, max_rel) in [(Packing::Q8_0, 2e-2), (Packing::F16, 1e-3), (Packing::Bf16, 1e-2)] {
+            let lin = PackedLinear::new(&w, Some(&b), packing).unwrap();
+            assert_eq!(lin.bytes(), lin.w.bytes() + 48 * 4);
+            let y = lin.forward(&Tensor::ones((2, 3, 64), candle_core::DType::F32, &d).unwrap()).unwrap();
+            assert_eq!(y.dims(), &[2, 3, 48]);
+            let rel = ((&y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                / want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(rel < max_rel, "{packing:?}: relative error {rel}");
+            assert!(lin.forward(&Tensor::zeros((2, 63), candle_core::DType::F32, &d).unwrap()).is_err());
+        }
+    }
+}
