@@ -174,13 +174,9 @@ impl candle_core::CustomOp3 for Attention {
             let q = &q[(bi * nh + h) * t * hs..][..t * hs];
             let k = &k[k_off + bi * k_st[0] + h * k_st[1]..][..l * hs];
             let v = &v[v_off + bi * v_st[0] + h * v_st[1]..][..l * hs];
-            if t <= FEW_QUERIES {
-                head_by_rows(q, k, v, hs, scale, out);
-            } else {
-                head_by_blocks(q, k, v, hs, scale, out);
-            }
+            attend_head(q, k, v, hs, scale, out);
         };
-        out.par_iter_mut().for_each(|item| with_avx2(|| head(item)));
+        out.par_iter_mut().for_each(head);
         for (i, o) in &out {
             let (bi, h) = (i / nh, i % nh);
             for ti in 0..t {
@@ -253,20 +249,29 @@ fn head_by_blocks(q: &[f32], k: &[f32], v: &[f32], hs: usize, scale: f32, out: &
     }
 }
 
-/// Runs `f` compiled for AVX2/FMA when the CPU has it (`f` is inlined into the wrapper).
-#[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+/// One head (`head_by_rows` or `head_by_blocks`), compiled for AVX2/FMA when the CPU has it:
+/// the kernels are written as plain loops that LLVM vectorizes, and a closure handed to rayon
+/// would otherwise be compiled for the baseline (SSE2: 4 lanes and no FMA).
+fn attend_head(q: &[f32], k: &[f32], v: &[f32], hs: usize, scale: f32, out: &mut [f32]) {
+    #[inline(always)]
+    fn attend(q: &[f32], k: &[f32], v: &[f32], hs: usize, scale: f32, out: &mut [f32]) {
+        if q.len() / hs <= FEW_QUERIES {
+            head_by_rows(q, k, v, hs, scale, out);
+        } else {
+            head_by_blocks(q, k, v, hs, scale, out);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+        unsafe fn avx2(q: &[f32], k: &[f32], v: &[f32], hs: usize, scale: f32, out: &mut [f32]) {
+            attend(q, k, v, hs, scale, out)
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return unsafe { avx2(f) };
+            return unsafe { avx2(q, k, v, hs, scale, out) };
         }
     }
-    f()
+    attend(q, k, v, hs, scale, out)
 }
 
 /// softmax(scale q k^T, causal) v for q (B, nh, T, hs) and k, v (B, nh, L, hs), L >= T, the
