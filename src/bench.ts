@@ -54,7 +54,7 @@ export interface BenchResult {
   promptTokens: number;
   /**
    * CPU only: STREAM-triad bandwidth measured at the start of this run (bytes/s), the bytes a
-   * decode step must read (parameters x bytes per weight: 4 f32, 2 f16/bf16, 34/32 q8_0), and
+   * decode step must read (`info.stepWeightBytes`: 4, 2 or 36/32 bytes a weight by dtype), and
    * their quotient, the floor of a decode step in ms.
    */
   bandwidth?: { bytesPerSecond: number; weightBytes: number; floorMsPerToken: number };
@@ -80,6 +80,12 @@ export interface BenchOptions {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 const mb = (bytes: number) => bytes / (1024 * 1024);
+
+/** Bytes per KV-cache element of a result's runs (4 on the CPU for every dtype). */
+function cacheElementBytes(r: BenchResult): number | string {
+  const run = r.runs.find((x) => x.cache && x.cacheBytesFormula > 0);
+  return run ? run.cacheBytesFormula / (2 * r.config.n_layer * r.config.n_embd * run.length) : '-';
+}
 
 export async function runBench(o: BenchOptions, log: (line: string) => void): Promise<BenchResult> {
   const load = { device: o.device, dtype: o.dtype };
@@ -203,7 +209,7 @@ export function formatTable(r: BenchResult, hf?: BenchResult): string {
   const lines = [pad(head, widths), ...rows.map((row) => pad(row, widths))];
   const notes = [
     `seconds: median of ${r.runs[0]?.seconds.length ?? 0} run(s) of greedy generation from a ${r.promptTokens}-token prompt to total length L; 'article' = the seed article's HF figures (its machine, not this one)`,
-    `speedup = cache off / cache on; cache bytes = allocated K/V buffers, formula = 2 x n_layer x n_embd x L x 1 x bytes per element (${r.dtype})`,
+    `speedup = cache off / cache on; cache bytes = allocated K/V buffers, formula = 2 x n_layer x n_embd x L x 1 x bytes per element (${cacheElementBytes(r)}: the cache's dtype on this device)`,
   ];
   if (r.bandwidth) {
     notes.push(`x floor = cache-on ms/token over the bandwidth floor: ${(r.bandwidth.weightBytes / 1e6).toFixed(0)} MB of weights / ${(r.bandwidth.bytesPerSecond / 1e9).toFixed(1)} GB/s (STREAM triad measured in this run) = ${r.bandwidth.floorMsPerToken.toFixed(1)} ms`);

@@ -22,9 +22,10 @@ export interface LoadOptions {
    */
   device?: Device;
   /**
-   * Weights dtype (converted once, at load): 'f32' (default); 'f16' or 'bf16' (weights,
-   * activations and KV cache; logits stay f32); 'q8_0' (linear layers' weights in 8-bit blocks
-   * through candle's quantized matmul; the rest f32).
+   * Weights dtype (converted once, at load): 'f32' (default), 'f16', 'bf16' or 'q8_0' (8-bit
+   * blocks of 32 with a scale). On the CPU only the linear layers' weights change; activations
+   * and the KV cache stay f32. On CUDA f16/bf16 also hold activations and the KV cache, and q8_0
+   * quantizes the activations too. Logits are f32 everywhere.
    */
   dtype?: DType;
 }

@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m128i, __m256, __m256i, __m512};
 
 /// Weights per q8_0 block, as in ggml.
 pub const BLOCK: usize = 32;
@@ -21,8 +23,9 @@ pub const BLOCK: usize = 32;
 /// Rows of W per rayon task in a one-row product.
 const ROWS_PER_TASK: usize = 64;
 
-/// Rows of W expanded to f32 at a time for a many-row product: 1024 x 3072 floats is 12 MB.
-const SLAB_ROWS: usize = 1024;
+/// Floats of W expanded at a time for a many-row product (16 MB): each of GPT-2 small's block
+/// layers in one slab, so one gemm call, and the lm_head in ten.
+const SLAB_FLOATS: usize = 1 << 22;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {
@@ -112,6 +115,11 @@ impl PackedMatrix {
 
     /// y = x W^T (+ b) for x of m rows (m * k elements); y is (m, n).
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        self.matmul_in_slabs(x, bias, SLAB_FLOATS)
+    }
+
+    /// `matmul`, expanding W `slab_floats` at a time (at least a row) when x has many rows.
+    fn matmul_in_slabs(&self, x: &[f32], bias: Option<&[f32]>, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if k == 0 || x.len() % k != 0 {
             candle_core::bail!("packed matmul: x has {} elements, not rows of W's {k} columns", x.len());
@@ -129,9 +137,10 @@ impl PackedMatrix {
         // Compute-bound: expand a slab of W's rows to f32 and let gemm multiply it, adding to
         // the slab's columns of y (which start as the bias).
         let mut y = matvec::start_with_bias(m, n, bias);
-        let mut slab = vec![0f32; SLAB_ROWS.min(n) * k];
-        for first in (0..n).step_by(SLAB_ROWS) {
-            let rows = SLAB_ROWS.min(n - first);
+        let slab_rows = (slab_floats / k).clamp(1, n);
+        let mut slab = vec![0f32; slab_rows * k];
+        for first in (0..n).step_by(slab_rows) {
+            let rows = slab_rows.min(n - first);
             let slab = &mut slab[..rows * k];
             slab.par_chunks_mut(k).enumerate().for_each(|(i, out)| {
                 self.row(first + i, out);
@@ -348,77 +357,45 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     lanes.iter().sum()
 }
 
-/// Four 16-bit rows (f16 or bf16, widened by `widen`), 16 values a step; `tail` widens one.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn half_dot4_avx512<T>(
-    w: [&[T]; 4],
-    x: &[f32],
-    widen: impl Fn(std::arch::x86_64::__m256i) -> std::arch::x86_64::__m512,
-    tail: impl Fn(&T) -> f32,
-) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    for r in 0..4 {
-        assert!(w[r].len() == k);
-    }
-    let pw = w.map(|w| w.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 16 <= k {
-        if i % 32 == 0 {
-            for p in pw {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
+/// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with x, `$lanes` values a step in
+/// `$acc`-wide registers; `tail` widens one value for the last k % `$lanes`. One body for the
+/// AVX-512 (16 lanes) and AVX2 (8 lanes) kernels; inlined into their target-feature wrappers.
+macro_rules! half_dot4 {
+    ($name:ident, $lanes:literal, $acc:ty, $packed:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $sum:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn $name<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> [f32; 4] {
+            use std::arch::x86_64::*;
+            let k = x.len();
+            for r in 0..4 {
+                assert!(w[r].len() == k);
             }
+            let pw = w.map(|w| w.as_ptr());
+            let mut acc = [$zero(); 4];
+            let mut i = 0;
+            while i + $lanes <= k {
+                if i % 32 == 0 {
+                    for p in pw {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
+                    }
+                }
+                let xv = $loadx(x.as_ptr().add(i));
+                for r in 0..4 {
+                    acc[r] = $fma(widen($loadw(pw[r].add(i) as *const $packed)), xv, acc[r]);
+                }
+                i += $lanes;
+            }
+            let mut out = acc.map($sum);
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
+            }
+            out
         }
-        let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-        for r in 0..4 {
-            acc[r] = _mm512_fmadd_ps(widen(_mm256_loadu_si256(pw[r].add(i) as *const __m256i)), xv, acc[r]);
-        }
-        i += 16;
-    }
-    let mut out = acc.map(|a| _mm512_reduce_add_ps(a));
-    for (r, o) in out.iter_mut().enumerate() {
-        *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
-    }
-    out
+    };
 }
 
-/// `half_dot4_avx512` 8 values a step.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn half_dot4_avx2<T>(
-    w: [&[T]; 4],
-    x: &[f32],
-    widen: impl Fn(std::arch::x86_64::__m128i) -> std::arch::x86_64::__m256,
-    tail: impl Fn(&T) -> f32,
-) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    for r in 0..4 {
-        assert!(w[r].len() == k);
-    }
-    let pw = w.map(|w| w.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 8 <= k {
-        if i % 32 == 0 {
-            for p in pw {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
-            }
-        }
-        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-        for r in 0..4 {
-            acc[r] = _mm256_fmadd_ps(widen(_mm_loadu_si128(pw[r].add(i) as *const __m128i)), xv, acc[r]);
-        }
-        i += 8;
-    }
-    let mut out = acc.map(|a| hsum256(a));
-    for (r, o) in out.iter_mut().enumerate() {
-        *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
-    }
-    out
-}
+half_dot4!(half_dot4_avx512, 16, __m512, __m256i, _mm512_setzero_ps, _mm512_loadu_ps, _mm256_loadu_si256, _mm512_fmadd_ps, |a| _mm512_reduce_add_ps(a));
+half_dot4!(half_dot4_avx2, 8, __m256, __m128i, _mm256_setzero_ps, _mm256_loadu_ps, _mm_loadu_si128, _mm256_fmadd_ps, |a| hsum256(a));
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -521,8 +498,8 @@ mod tests {
     }
 
     /// Against the dequantized weights in plain f32 arithmetic, for one row (the four-row
-    /// kernels, n not a multiple of 4), a few rows (matvec) and many (slabs + gemm, with a slab
-    /// boundary inside W), with and without bias; and each packing's rounding bound.
+    /// kernels, n not a multiple of 4), a few rows (matvec) and many (slabs + gemm, one slab or
+    /// slabs of 300 rows), with and without bias; and each packing's rounding bound.
     #[test]
     fn matmul_matches_dequantized_weights() {
         for packing in ALL {
@@ -541,8 +518,8 @@ mod tests {
                     };
                     assert!((a - b).abs() <= bound, "{packing:?} {a} -> {b}");
                 }
-                for bias in [Some(b.as_slice()), None] {
-                    let y = p.matmul(&x, bias).unwrap();
+                for (bias, slab) in [(Some(b.as_slice()), SLAB_FLOATS), (None, SLAB_FLOATS), (Some(b.as_slice()), 300 * k)] {
+                    let y = p.matmul_in_slabs(&x, bias, slab).unwrap(); // 300 rows: slab ends inside W
                     for i in 0..m {
                         for j in 0..n {
                             let want: f32 = (0..k).map(|t| x[i * k + t] * wd[j * k + t]).sum::<f32>() + bias.map_or(0.0, |b| b[j]);
