@@ -279,6 +279,10 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], hs: usize, scale: f32, out: &mut
 /// Returns (B, T, nh * hs). CPU f32 only: one task per head; a few queries go row by row, more
 /// by blocks of queries through gemm, each block against only the keys it can see.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if !(scale > 0.0 && scale.is_finite()) {
+        // softmax_row takes the row's maximum before scaling, which needs scale > 0
+        return Err(crate::error::Error::InvalidInput(format!("attention scale must be a positive number, got {scale}")));
+    }
     Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &Attention { scale: scale as f32 })?)
 }
 
@@ -334,5 +338,6 @@ mod tests {
         let q = Tensor::zeros((1, 2, 3, 8), DType::F32, &d).unwrap();
         let short = Tensor::zeros((1, 2, 2, 8), DType::F32, &d).unwrap();
         assert!(attention(&q, &short, &short, 1.0).is_err(), "fewer keys than queries");
+        assert!(attention(&q, &q, &q, 0.0).is_err() && attention(&q, &q, &q, f64::NAN).is_err(), "scale must be positive");
     }
 }

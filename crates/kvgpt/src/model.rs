@@ -19,10 +19,10 @@ pub enum Logits {
     All,
 }
 
-/// A linear layer with nn.Linear's (out, in) weight. On the CPU in f32 it goes through `matvec`
-/// (its kernel for a few rows, gemm with the bias fused for more); q8_0 weights through `q8` on
-/// the CPU (f32 activations) and candle's quantized matmul elsewhere; the rest through candle's
-/// matmul.
+/// A linear layer with nn.Linear's (out, in) weight. On the CPU, f32 weights go through
+/// `matvec` (its kernel for a few rows, gemm with the bias fused for more) and f16/bf16/q8_0
+/// through `packed` (f32 activations); elsewhere q8_0 runs candle's quantized matmul and the
+/// rest candle's matmul.
 struct Linear {
     w: Weight,
     b: Option<Tensor>,
@@ -223,7 +223,8 @@ impl Gpt2 {
             (true, _) => wte.clone(),
         };
         // Tied: with a dense dtype both are the one tensor (to_dtype of a tensor already in that
-        // dtype shares its storage); with q8_0 the lm_head is a quantized copy and wte stays f32.
+        // dtype shares its storage); packed (CPU f16/bf16/q8_0) or quantized, the lm_head is a
+        // copy in that form and wte stays as the embedding table.
         let lm_head = Linear::new(lm_head, None, dtype)?;
         let act = match cfg.activation {
             Activation::GeluTanh => candle_nn::Activation::NewGelu,
