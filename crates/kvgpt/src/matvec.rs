@@ -22,6 +22,8 @@ pub const MAX_ROWS: usize = 32;
 pub(crate) trait Rows: Sync {
     /// (n, k): W is (out, in), nn.Linear's layout.
     fn shape(&self) -> (usize, usize);
+    /// Whether `row` writes into its scratch (f32 rows are borrowed and need none).
+    const EXPANDS: bool;
     fn row<'a>(&'a self, r: usize, scratch: &'a mut [f32]) -> &'a [f32];
 }
 
@@ -32,6 +34,7 @@ struct Dense<'a> {
 }
 
 impl Rows for Dense<'_> {
+    const EXPANDS: bool = false;
     fn shape(&self) -> (usize, usize) {
         (self.n, self.k)
     }
@@ -43,13 +46,7 @@ impl Rows for Dense<'_> {
 /// y = x W^T (+ b) for x of m rows (m * k elements): y is (m, n), row-major.
 pub(crate) fn matvec_rows<R: Rows>(x: &[f32], w: &R, bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
     let (n, k) = w.shape();
-    if k == 0 || x.len() % k != 0 {
-        candle_core::bail!("matvec: x has {} elements, not rows of W's {k} columns", x.len());
-    }
-    if bias.is_some_and(|b| b.len() != n) {
-        candle_core::bail!("matvec: bias does not have {n} elements");
-    }
-    let m = x.len() / k;
+    let m = rows_of(x, n, k, bias)?;
     let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
     let kernels = kernels();
     // Computed as y^T (n, m): each task owns whole rows of W and so a contiguous block of y^T.
@@ -57,8 +54,10 @@ pub(crate) fn matvec_rows<R: Rows>(x: &[f32], w: &R, bias: Option<&[f32]>) -> ca
     yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let last = first + out.len() / m - 1; // the odd row out, when the block has one
-        let mut scratch = vec![0f32; 2 * k];
-        let (s0, s1) = scratch.split_at_mut(k);
+        // Room for two expanded rows; none for f32 rows, which this hot path borrows as they are.
+        let half = if R::EXPANDS { k } else { 0 };
+        let mut scratch = vec![0f32; 2 * half];
+        let (s0, s1) = scratch.split_at_mut(half);
         let b = |r: usize| bias.map_or(0.0, |b| b[r]);
         let mut pairs = out.chunks_exact_mut(2 * m);
         for (p, out) in pairs.by_ref().enumerate() {
@@ -99,18 +98,26 @@ pub(crate) fn matvec_rows<R: Rows>(x: &[f32], w: &R, bias: Option<&[f32]>) -> ca
 
 fn matvec(x: &[f32], x_l: &Layout, w: &[f32], w_l: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
     let (n, k) = w_l.shape().dims2()?;
-    let m = x.len() / k.max(1);
+    let m = rows_of(x, n, k, bias)?;
     let y = if m <= MAX_ROWS {
         matvec_rows(x, &Dense { w, n, k }, bias)?
     } else {
-        if bias.is_some_and(|b| b.len() != n) || x.len() != m * k {
-            candle_core::bail!("linear: x ({} elements), W ({n}, {k}) and bias do not fit", x.len());
-        }
         let mut y = start_with_bias(m, n, bias);
         gemm_xwt(x, w, k, &mut y, n, bias.is_some());
         y
     };
     Ok((CpuStorage::F32(y), out_shape(x_l, n)))
+}
+
+/// How many rows of W's k columns x holds, checking that x is whole rows and the bias n long.
+pub(crate) fn rows_of(x: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> candle_core::Result<usize> {
+    if k == 0 || x.len() % k != 0 {
+        candle_core::bail!("linear: x has {} elements, not rows of W's {k} columns", x.len());
+    }
+    if bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!("linear: bias does not have {n} elements");
+    }
+    Ok(x.len() / k)
 }
 
 /// (m, n) rows each equal to the bias, or zeros.

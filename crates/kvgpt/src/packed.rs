@@ -121,13 +121,7 @@ impl PackedMatrix {
     /// `matmul`, expanding W `slab_floats` at a time (at least a row) when x has many rows.
     fn matmul_in_slabs(&self, x: &[f32], bias: Option<&[f32]>, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
-        if k == 0 || x.len() % k != 0 {
-            candle_core::bail!("packed matmul: x has {} elements, not rows of W's {k} columns", x.len());
-        }
-        if bias.is_some_and(|b| b.len() != n) {
-            candle_core::bail!("packed matmul: bias does not have {n} elements");
-        }
-        let m = x.len() / k;
+        let m = matvec::rows_of(x, n, k, bias)?;
         if m == 1 {
             return Ok(self.matvec(x, bias));
         }
@@ -206,7 +200,7 @@ impl PackedMatrix {
                         return unsafe { f16_dot4_avx2(ws, x) };
                     }
                 }
-                ws.map(|w| w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum())
+                half_dot4_portable(ws, x, |h| h.to_f32())
             }
             Data::Bf16(h) => {
                 let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
@@ -219,13 +213,14 @@ impl PackedMatrix {
                         return unsafe { bf16_dot4_avx2(ws, x) };
                     }
                 }
-                ws.map(|w| w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum())
+                half_dot4_portable(ws, x, |h| h.to_f32())
             }
         }
     }
 }
 
 impl Rows for PackedMatrix {
+    const EXPANDS: bool = true;
     fn shape(&self) -> (usize, usize) {
         (self.n, self.k)
     }
@@ -355,6 +350,11 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     let mut lanes = [0f32; 8];
     std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
     lanes.iter().sum()
+}
+
+/// Four 16-bit rows (f16 or bf16) dotted with x, one widened value at a time.
+fn half_dot4_portable<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn(&T) -> f32) -> [f32; 4] {
+    w.map(|w| w.iter().zip(x).map(|(w, x)| widen(w) * x).sum())
 }
 
 /// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with x, `$lanes` values a step in
