@@ -2,7 +2,7 @@
 // in the native core off the JS thread; this file adds promises, AbortSignal, AsyncIterable
 // streaming, Symbol.dispose, and typed errors.
 
-import type { NativeModel, NativeModelInfo, NativeSession, NativeTokenChunk } from '../index.js';
+import type { NativeEngineStats, NativeModel, NativeModelInfo, NativeSession, NativeTokenChunk } from '../index.js';
 import { requireBinding, requireCudaBinding } from './binding';
 import { fromNative, KvgptError, native, optionTypeError } from './errors';
 import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
@@ -28,6 +28,65 @@ export interface LoadOptions {
    * quantizes the activations too. Logits are f32 everywhere.
    */
   dtype?: DType;
+  /**
+   * Sequences the model's engine runs at once: concurrent `generate()` / `stream()` calls and
+   * session feeds share each forward pass (continuous batching); more wait their turn, in
+   * order. Integer in [1, 65536]; default 32 on the CPU, 256 on CUDA. Each sequence in flight
+   * holds its own KV cache: `cacheBytes(prompt + maxNewTokens)` bytes.
+   */
+  maxSequences?: number;
+  /**
+   * Tokens one forward pass carries: one per decoding sequence, then prompt chunks while they
+   * fit (the oldest waiting chunk always goes). Integer in [maxSequences, 65536]; default 512
+   * on the CPU, 8192 on CUDA (or maxSequences, if larger).
+   */
+  maxStepTokens?: number;
+  /**
+   * Prompt tokens one sequence reads per step: a longer prompt is read in chunks of this many,
+   * so it does not stall the others' next tokens for a whole prefill. Integer in [1,
+   * maxStepTokens]; default 256 on the CPU, 512 on CUDA.
+   */
+  prefillChunk?: number;
+}
+
+const ENGINE_OPTIONS = ['maxSequences', 'maxStepTokens', 'prefillChunk'] as const;
+
+/** What the model's engine did since load and holds now (`model.engineStats()`). */
+export interface EngineStats {
+  /** The limits it runs under (the load options, or their defaults). */
+  maxSequences: number;
+  maxStepTokens: number;
+  prefillChunk: number;
+  /** Forward passes run. */
+  steps: number;
+  /** Tokens those passes carried (prompt chunks, decode tokens, cache-less passes). */
+  rows: number;
+  /** Sequences summed over the passes; `meanBatchSize` = sequences / steps. */
+  sequences: number;
+  meanBatchSize: number;
+  /** The most sequences one pass carried. */
+  maxBatch: number;
+  generatedTokens: number;
+  /** Milliseconds in forward passes. */
+  busyMs: number;
+  /** Requests given a place, their mean and longest wait for it (ms). */
+  admitted: number;
+  meanQueueMs: number;
+  maxQueueMs: number;
+  /** Requests ended (done, stopped, aborted or failed). */
+  completed: number;
+  /** Sequences in flight and requests waiting, now. */
+  active: number;
+  waiting: number;
+}
+
+function engineStats(s: NativeEngineStats): EngineStats {
+  const { queueMs, ...rest } = s;
+  return {
+    ...rest,
+    meanBatchSize: s.steps > 0 ? s.sequences / s.steps : 0,
+    meanQueueMs: s.admitted > 0 ? queueMs / s.admitted : 0,
+  };
 }
 
 /** The addon build that serves `device`: the CUDA build for 'cuda', and for 'auto' when it loads. */
@@ -41,7 +100,7 @@ function bindingFor(device: Device | undefined): Binding {
 
 function checkLoadOptions(options: unknown, extra: string[] = []): asserts options is LoadOptions {
   if (typeof options !== 'object' || options === null) throw optionTypeError('load options must be an object');
-  const known = ['device', 'dtype', ...extra];
+  const known = ['device', 'dtype', ...ENGINE_OPTIONS, ...extra];
   for (const key of Object.keys(options)) {
     if (!known.includes(key)) throw optionTypeError(`unknown load option ${JSON.stringify(key)}; known options: ${known.join(', ')}`);
   }
@@ -52,6 +111,14 @@ function checkLoadOptions(options: unknown, extra: string[] = []): asserts optio
   if (o.dtype !== undefined && typeof o.dtype !== 'string') {
     throw optionTypeError(`option dtype must be 'f32', 'f16', 'bf16' or 'q8_0', got ${typeof o.dtype}`);
   }
+  for (const key of ENGINE_OPTIONS) {
+    if (o[key] !== undefined && typeof o[key] !== 'number') throw optionTypeError(`option ${key} must be a number, got ${typeof o[key]}`);
+  }
+}
+
+/** The load options the native layer takes. */
+function nativeLoadOptions(o: LoadOptions) {
+  return { device: o.device, dtype: o.dtype, maxSequences: o.maxSequences, maxStepTokens: o.maxStepTokens, prefillChunk: o.prefillChunk };
 }
 
 export type ModelInfo = NativeModelInfo;
@@ -69,20 +136,29 @@ export interface RandomConfig {
 
 export const GPT2_SMALL = { n_layer: 12, n_head: 12, n_embd: 768, n_positions: 1024, vocab_size: 50257 } as const;
 
-/** One sequence held across calls, its KV cache allocated once; feed it ids one step at a time. */
+/**
+ * One sequence held across calls, its KV cache allocated once; feed it ids one step at a time.
+ * Feeds go through the model's engine, batched with whatever else runs on the model; feeds on
+ * one session run in call order.
+ */
 export class Session {
   readonly #native: NativeSession;
+  /** The last feed queued: the next one starts after it settles. */
+  #tail: Promise<unknown> = Promise.resolve();
   constructor(nativeSession: NativeSession) {
     this.#native = nativeSession;
   }
-  /** Appends ids, runs the forward pass off the JS thread, resolves with the most likely next id. */
-  async feed(ids: readonly number[]): Promise<number> {
-    if (!Array.isArray(ids) || ids.length === 0) throw optionTypeError('feed takes a non-empty array of token ids');
-    try {
-      return await native(() => this.#native.feed([...ids]));
-    } catch (e) {
+  /** Appends ids, runs them off the JS thread, resolves with the most likely next id. */
+  feed(ids: readonly number[]): Promise<number> {
+    if (!Array.isArray(ids) || ids.length === 0) return Promise.reject(optionTypeError('feed takes a non-empty array of token ids'));
+    const copy = [...ids];
+    const run = this.#tail.then(
+      () => native(() => this.#native.feed(copy)),
+    ).catch((e: unknown) => {
       throw fromNative(e);
-    }
+    });
+    this.#tail = run.catch(() => undefined);
+    return run;
   }
   /** Keeps the first `length` tokens and forgets the rest (the cache stays allocated). */
   truncate(length: number): void {
@@ -119,7 +195,7 @@ export class Gpt2 implements Disposable {
     checkLoadOptions(options);
     const binding = bindingFor(options.device);
     try {
-      return new Gpt2(await binding.loadModel(model, { device: options.device, dtype: options.dtype }), binding);
+      return new Gpt2(await binding.loadModel(model, nativeLoadOptions(options)), binding);
     } catch (e) {
       throw fromNative(e);
     }
@@ -135,7 +211,7 @@ export class Gpt2 implements Disposable {
     const json = JSON.stringify({ model_type: 'gpt2', activation_function: 'gelu_new', bos_token_id: 50256, eos_token_id: 50256, ...GPT2_SMALL, ...config });
     const binding = bindingFor(load.device);
     try {
-      return new Gpt2(await binding.loadRandom(json, seed, { device: load.device, dtype: load.dtype }), binding);
+      return new Gpt2(await binding.loadRandom(json, seed, nativeLoadOptions(load)), binding);
     } catch (e) {
       throw fromNative(e);
     }
@@ -173,9 +249,47 @@ export class Gpt2 implements Disposable {
     return native(() => this.#native.decode([...ids]));
   }
 
-  /** Generates from a text or token-id prompt and resolves with the whole result. */
+  /**
+   * Generates from a text or token-id prompt and resolves with the whole result. Concurrent
+   * calls on one model are batched by its engine (each keeps its own options and results).
+   */
   async generate(prompt: string | readonly number[], options?: GenerateOptions): Promise<GenerateResult> {
     return this.#run(prompt, options, undefined);
+  }
+
+  /**
+   * Generates from every prompt at once, batched, with the same options; resolves with the
+   * results in prompt order. If one prompt fails (bad input), the others are aborted and the
+   * promise rejects with that error, its message prefixed with the prompt's index.
+   */
+  async generateBatch(prompts: readonly (string | readonly number[])[], options?: GenerateOptions): Promise<GenerateResult[]> {
+    this.#check();
+    if (!Array.isArray(prompts)) throw optionTypeError('generateBatch takes an array of prompts (strings or arrays of token ids)');
+    const checked = prompts.map((p) => checkPrompt(p));
+    toNativeOptions(options); // types checked once, before any work
+    const cancels = checked.map(() => new this.#binding.CancelToken());
+    let failed = false;
+    const runs = checked.map((p, i) =>
+      this.#run(p, options, undefined, cancels[i]).catch((e: unknown) => {
+        if (!failed) {
+          failed = true;
+          for (const c of cancels) c.cancel();
+        }
+        if (e instanceof Error) e.message = `prompt ${i}: ${e.message}`;
+        throw e;
+      }),
+    );
+    // Every run settles (the others are aborted on the first failure); the first error wins.
+    const settled = await Promise.allSettled(runs);
+    const rejected = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (rejected) throw rejected.reason;
+    return settled.map((r) => (r as PromiseFulfilledResult<GenerateResult>).value);
+  }
+
+  /** What the model's engine did since load (steps, batch sizes, queue waits) and holds now. */
+  engineStats(): EngineStats {
+    this.#check();
+    return engineStats(native(() => this.#native.engineStats()));
   }
 
   /** Generates and yields each token with the text it completes, as soon as it is sampled. */

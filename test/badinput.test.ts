@@ -105,7 +105,7 @@ describe('every option at and past its bounds', () => {
     expect((await model.generate('x', null as never)).stopReason).toBeDefined();
     const load = await Gpt2.load(TINY, { devise: 'cpu' } as never).catch((e) => e);
     expect(load).toBeInstanceOf(TypeError);
-    expect(load.message).toBe('unknown load option "devise"; known options: device, dtype');
+    expect(load.message).toBe('unknown load option "devise"; known options: device, dtype, maxSequences, maxStepTokens, prefillChunk');
   });
 });
 

@@ -1,12 +1,14 @@
-//! The `NativeModel` class (a loaded model shared by its generations), `loadModel`, and
-//! `CancelToken`, the flag an AbortSignal sets.
+//! The `NativeModel` class (a loaded model and its engine, shared by its generations and
+//! sessions), `loadModel`, and `CancelToken`, the flag an AbortSignal sets.
 
 use crate::error::{to_napi, IntoNapi};
 use crate::options::{NativeGenerateOptions, NativeLoadOptions};
 use crate::session::NativeSession;
-use crate::tasks::{BandwidthTask, GenerateTask, LoadTask, RandomTask, TokenCallback};
-use kvgpt::{Error, Model};
-use napi::bindgen_prelude::{AsyncTask, Either};
+use crate::tasks::{generation_to_js, BandwidthTask, LoadTask, NativeGeneration, RandomTask, TokenCallback, NativeTokenChunk};
+use kvgpt::{Engine, Error, Job, Model, Prompt};
+use napi::bindgen_prelude::{AsyncTask, Either, Object};
+use napi::threadsafe_function::ThreadsafeFunctionCallMode;
+use napi::Env;
 use napi_derive::napi;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -89,20 +91,60 @@ pub struct NativeModelInfo {
     pub has_tokenizer: bool,
 }
 
+/// A loaded model and the engine that runs every request on it; None once disposed.
+#[derive(Clone)]
+pub(crate) struct Loaded {
+    pub model: Arc<Model>,
+    pub engine: Arc<Engine>,
+}
+
+pub(crate) type Shared = Arc<RwLock<Option<Loaded>>>;
+
+pub(crate) fn loaded(shared: &Shared) -> napi::Result<Loaded> {
+    let guard = shared.read().map_err(|_| to_napi(Error::Disposed))?;
+    guard.clone().ok_or_else(|| to_napi(Error::Disposed))
+}
+
 #[napi]
 pub struct NativeModel {
-    inner: RwLock<Option<Arc<Model>>>,
+    inner: Shared,
 }
 
 impl NativeModel {
-    pub(crate) fn new(model: Model) -> Self {
-        Self { inner: RwLock::new(Some(Arc::new(model))) }
+    pub(crate) fn new(model: Arc<Model>, engine: Engine) -> Self {
+        Self { inner: Arc::new(RwLock::new(Some(Loaded { model, engine: Arc::new(engine) }))) }
     }
 
     fn get(&self) -> napi::Result<Arc<Model>> {
-        let guard = self.inner.read().map_err(|_| to_napi(Error::Disposed))?;
-        guard.clone().ok_or_else(|| to_napi(Error::Disposed))
+        Ok(loaded(&self.inner)?.model)
     }
+}
+
+/// What the engine did and holds (`model.engineStats()`).
+#[napi(object)]
+pub struct NativeEngineStats {
+    /// The limits it runs under.
+    pub max_sequences: u32,
+    pub max_step_tokens: u32,
+    pub prefill_chunk: u32,
+    /// Forward passes run, the tokens they carried, and sequences summed over them.
+    pub steps: f64,
+    pub rows: f64,
+    pub sequences: f64,
+    /// The most sequences one pass carried.
+    pub max_batch: u32,
+    pub generated_tokens: f64,
+    /// Milliseconds in forward passes.
+    pub busy_ms: f64,
+    /// Requests given a place, and their summed and longest wait for it (ms).
+    pub admitted: f64,
+    pub queue_ms: f64,
+    pub max_queue_ms: f64,
+    /// Requests ended.
+    pub completed: f64,
+    /// Sequences in flight and requests waiting, now.
+    pub active: u32,
+    pub waiting: u32,
 }
 
 /// JS numbers to token ids: each must be an integer in [0, 2^32).
@@ -169,28 +211,65 @@ impl NativeModel {
         model.decode(&to_ids(&ids).napi()?).napi()
     }
 
-    /// Starts a generation on the libuv pool. Options are checked here, before any work.
+    /// Queues a generation on the model's engine, which batches it with every other request in
+    /// flight. Options are checked here, before any work; the prompt when it is admitted.
     #[napi(ts_return_type = "Promise<NativeGeneration>")]
-    pub fn generate(
+    pub fn generate<'env>(
         &self,
+        env: &'env Env,
         prompt: Either<String, Vec<f64>>,
         options: Option<NativeGenerateOptions>,
         cancel: &CancelToken,
         #[napi(ts_arg_type = "((chunk: NativeTokenChunk) => void) | undefined | null")] on_token: Option<TokenCallback>,
-    ) -> napi::Result<AsyncTask<GenerateTask>> {
-        let model = self.get()?;
+    ) -> napi::Result<Object<'env>> {
+        let Loaded { model, engine } = loaded(&self.inner)?;
         let opts = options.unwrap_or_default().resolve(&model).napi()?;
         let prompt = match prompt {
-            Either::A(text) => Either::A(text),
-            Either::B(ids) => Either::B(to_ids(&ids).napi()?),
+            Either::A(text) => Prompt::Text(text),
+            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
         };
-        Ok(AsyncTask::new(GenerateTask { model, prompt, opts, cancel: cancel.flag.clone(), on_token }))
+        let (deferred, promise) = env.create_deferred::<NativeGeneration, Box<dyn FnOnce(Env) -> napi::Result<NativeGeneration>>>()?;
+        let on_token = on_token.map(|cb| {
+            Box::new(move |e: kvgpt::TokenEvent<'_>| {
+                cb.call(NativeTokenChunk { token: e.token, text: e.text.to_string() }, ThreadsafeFunctionCallMode::NonBlocking);
+            }) as Box<dyn FnMut(kvgpt::TokenEvent<'_>) + Send>
+        });
+        let on_done = Box::new(move |r: kvgpt::Result<kvgpt::Generation>| match r {
+            Ok(g) => deferred.resolve(Box::new(move |_| Ok(generation_to_js(g)))),
+            Err(e) => deferred.reject(to_napi(e)),
+        });
+        engine.submit(Job::Generate { prompt, options: opts, abort: cancel.flag.clone(), on_token, on_done }).napi()?;
+        Ok(promise)
+    }
+
+    /// What the engine did and holds.
+    #[napi]
+    pub fn engine_stats(&self) -> napi::Result<NativeEngineStats> {
+        let engine = loaded(&self.inner)?.engine;
+        let (o, s) = (engine.options(), engine.stats());
+        Ok(NativeEngineStats {
+            max_sequences: o.max_sequences as u32,
+            max_step_tokens: o.max_step_tokens as u32,
+            prefill_chunk: o.prefill_chunk as u32,
+            steps: s.steps as f64,
+            rows: s.rows as f64,
+            sequences: s.sequences as f64,
+            max_batch: s.max_batch as u32,
+            generated_tokens: s.generated_tokens as f64,
+            busy_ms: s.busy_ms,
+            admitted: s.admitted as f64,
+            queue_ms: s.queue_ms,
+            max_queue_ms: s.max_queue_ms,
+            completed: s.completed as f64,
+            active: s.active as u32,
+            waiting: s.waiting as u32,
+        })
     }
 
     /// A session of at most `capacity` positions, its KV cache allocated now (with `use_cache`).
     #[napi]
     pub fn session(&self, capacity: u32, use_cache: bool) -> napi::Result<NativeSession> {
-        NativeSession::new(self.get()?, capacity as usize, use_cache)
+        NativeSession::new(loaded(&self.inner)?, capacity as usize, use_cache)
     }
 
     /// Releases the weights once running generations finish; later calls fail with KVGPT_DISPOSED.

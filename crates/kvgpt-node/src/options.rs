@@ -43,7 +43,7 @@ impl NativeGenerateOptions {
     pub fn resolve(&self, model: &Model) -> kvgpt::Result<GenerateOptions> {
         let mut o = GenerateOptions::defaults_for(model);
         if let Some(v) = self.max_new_tokens {
-            o.max_new_tokens = whole("maxNewTokens", v, kvgpt::generate::MAX_NEW_TOKENS_LIMIT as f64)? as usize;
+            o.max_new_tokens = whole("maxNewTokens", v, kvgpt::engine::generate::MAX_NEW_TOKENS_LIMIT as f64)? as usize;
         }
         if let Some(v) = self.temperature {
             o.sampling.temperature = v;
@@ -82,17 +82,51 @@ pub struct NativeLoadOptions {
     pub device: Option<String>,
     /// Weights dtype: 'f32' (default), 'f16', 'bf16' or 'q8_0'.
     pub dtype: Option<String>,
+    /// Sequences the engine runs at once (generations and session feeds); more wait their turn,
+    /// in order. Integer in [1, 65536]; default 32 on the CPU, 256 on CUDA.
+    pub max_sequences: Option<f64>,
+    /// Tokens one forward pass carries: one per decoding sequence, then prompt chunks while
+    /// they fit. Integer in [maxSequences, 65536]; default 512 on the CPU, 8192 on CUDA.
+    pub max_step_tokens: Option<f64>,
+    /// Prompt tokens one sequence reads per step (longer prompts are read in chunks, so they do
+    /// not stall the others). Integer in [1, maxStepTokens]; default 256 on the CPU, 512 on CUDA.
+    pub prefill_chunk: Option<f64>,
+}
+
+/// Load options as the core takes them: the model's, and the engine's limits where given.
+pub struct ParsedLoadOptions {
+    pub load: kvgpt::LoadOptions,
+    pub max_sequences: Option<usize>,
+    pub max_step_tokens: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+}
+
+impl ParsedLoadOptions {
+    /// The engine's limits on `device` (see `EngineOptions::resolve`).
+    pub fn engine(&self, device: &kvgpt::candle_core::Device) -> kvgpt::Result<kvgpt::EngineOptions> {
+        kvgpt::EngineOptions::resolve(device, self.max_sequences, self.max_step_tokens, self.prefill_chunk)
+    }
 }
 
 impl NativeLoadOptions {
     /// The core's load options (CPU and f32 where omitted), checked before any work.
-    pub fn parse(options: Option<Self>) -> napi::Result<kvgpt::LoadOptions> {
+    pub fn parse(options: Option<Self>) -> napi::Result<ParsedLoadOptions> {
         use crate::error::IntoNapi;
         let o = options.unwrap_or_default();
-        Ok(kvgpt::LoadOptions {
-            device: o.device.as_deref().map(kvgpt::DeviceKind::parse).transpose().napi()?.unwrap_or_default(),
-            dtype: o.dtype.as_deref().map(kvgpt::WeightDType::parse).transpose().napi()?.unwrap_or_default(),
-            hub: None,
-        })
+        let limit = kvgpt::EngineOptions::LIMIT as f64;
+        let int = |name, v: Option<f64>| v.map(|v| whole(name, v, limit).map(|v| v as usize)).transpose();
+        let parsed = ParsedLoadOptions {
+            load: kvgpt::LoadOptions {
+                device: o.device.as_deref().map(kvgpt::DeviceKind::parse).transpose().napi()?.unwrap_or_default(),
+                dtype: o.dtype.as_deref().map(kvgpt::WeightDType::parse).transpose().napi()?.unwrap_or_default(),
+                hub: None,
+            },
+            max_sequences: int("maxSequences", o.max_sequences).napi()?,
+            max_step_tokens: int("maxStepTokens", o.max_step_tokens).napi()?,
+            prefill_chunk: int("prefillChunk", o.prefill_chunk).napi()?,
+        };
+        // The limits' ranges and the given ones against each other, before any work.
+        parsed.engine(&kvgpt::candle_core::Device::Cpu).napi()?;
+        Ok(parsed)
     }
 }

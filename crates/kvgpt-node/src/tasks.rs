@@ -1,13 +1,13 @@
-//! The work that runs on the libuv pool: loading a model and running one generation.
+//! The work that runs on the libuv pool (loading a model, measuring the bandwidth) and the
+//! objects a generation hands to JavaScript.
 
 use crate::error::IntoNapi;
 use crate::model::NativeModel;
-use kvgpt::{GenerateOptions, Generation, LoadOptions, Model};
-use napi::bindgen_prelude::Either;
-use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use crate::options::ParsedLoadOptions;
+use kvgpt::{Engine, Generation, Model};
+use napi::threadsafe_function::ThreadsafeFunction;
 use napi::{Env, Status, Task};
 use napi_derive::napi;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// One streamed token and the text it completes (possibly empty).
@@ -21,19 +21,29 @@ pub type TokenCallback = ThreadsafeFunction<NativeTokenChunk, (), NativeTokenChu
 
 pub struct LoadTask {
     pub model: String,
-    pub options: LoadOptions,
+    pub options: ParsedLoadOptions,
+}
+
+/// A loaded model with its engine started.
+pub struct Started(Arc<Model>, Engine);
+
+fn start(model: Model, options: &ParsedLoadOptions) -> napi::Result<Started> {
+    let engine_options = options.engine(model.gpt2().device()).napi()?;
+    let model = Arc::new(model);
+    let engine = Engine::start(model.clone(), engine_options).napi()?;
+    Ok(Started(model, engine))
 }
 
 impl Task for LoadTask {
-    type Output = Model;
+    type Output = Started;
     type JsValue = NativeModel;
 
-    fn compute(&mut self) -> napi::Result<Model> {
-        Model::load(&self.model, &self.options).napi()
+    fn compute(&mut self) -> napi::Result<Started> {
+        start(Model::load(&self.model, &self.options.load).napi()?, &self.options)
     }
 
-    fn resolve(&mut self, _env: Env, output: Model) -> napi::Result<NativeModel> {
-        Ok(NativeModel::new(output))
+    fn resolve(&mut self, _env: Env, Started(model, engine): Started) -> napi::Result<NativeModel> {
+        Ok(NativeModel::new(model, engine))
     }
 }
 
@@ -48,7 +58,7 @@ impl Task for BandwidthTask {
     type JsValue = f64;
 
     fn compute(&mut self) -> napi::Result<f64> {
-        Ok(kvgpt::bandwidth::triad(self.mib, self.repeats))
+        Ok(kvgpt::cpu::bandwidth::triad(self.mib, self.repeats))
     }
 
     fn resolve(&mut self, _env: Env, output: f64) -> napi::Result<f64> {
@@ -59,19 +69,19 @@ impl Task for BandwidthTask {
 pub struct RandomTask {
     pub config: kvgpt::Gpt2Config,
     pub seed: u64,
-    pub options: kvgpt::LoadOptions,
+    pub options: ParsedLoadOptions,
 }
 
 impl Task for RandomTask {
-    type Output = Model;
+    type Output = Started;
     type JsValue = NativeModel;
 
-    fn compute(&mut self) -> napi::Result<Model> {
-        Model::random(self.config.clone(), self.seed, &self.options).napi()
+    fn compute(&mut self) -> napi::Result<Started> {
+        start(Model::random(self.config.clone(), self.seed, &self.options.load).napi()?, &self.options)
     }
 
-    fn resolve(&mut self, _env: Env, output: Model) -> napi::Result<NativeModel> {
-        Ok(NativeModel::new(output))
+    fn resolve(&mut self, _env: Env, Started(model, engine): Started) -> napi::Result<NativeModel> {
+        Ok(NativeModel::new(model, engine))
     }
 }
 
@@ -79,12 +89,14 @@ impl Task for RandomTask {
 pub struct NativeTimings {
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
+    pub queue_ms: f64,
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub step_ms: Vec<f64>,
     pub sample_ms: f64,
     pub ttft_ms: f64,
     pub total_ms: f64,
+    pub mean_batch_size: f64,
 }
 
 #[napi(object)]
@@ -98,51 +110,25 @@ pub struct NativeGeneration {
     pub cache_bytes: f64,
 }
 
-pub struct GenerateTask {
-    pub model: Arc<Model>,
-    pub prompt: Either<String, Vec<u32>>,
-    pub opts: GenerateOptions,
-    pub cancel: Arc<AtomicBool>,
-    pub on_token: Option<TokenCallback>,
-}
-
-impl Task for GenerateTask {
-    type Output = Generation;
-    type JsValue = NativeGeneration;
-
-    fn compute(&mut self) -> napi::Result<Self::Output> {
-        let prompt = match &self.prompt {
-            Either::A(text) => self.model.tokenize(text).napi()?,
-            Either::B(ids) => ids.clone(),
-        };
-        let on_token = self.on_token.take();
-        let mut emit = |e: kvgpt::TokenEvent<'_>| {
-            if let Some(cb) = &on_token {
-                let chunk = NativeTokenChunk { token: e.token, text: e.text.to_string() };
-                cb.call(chunk, ThreadsafeFunctionCallMode::NonBlocking);
-            }
-        };
-        self.model.generate(&prompt, &self.opts, &self.cancel, &mut emit).napi()
-    }
-
-    fn resolve(&mut self, _env: Env, g: Self::Output) -> napi::Result<NativeGeneration> {
-        let t = g.timings;
-        Ok(NativeGeneration {
-            tokens: g.tokens,
-            prompt_tokens: g.prompt,
-            text: g.text,
-            stop_reason: g.stop_reason.as_str().to_string(),
-            timings: NativeTimings {
-                prompt_tokens: t.prompt_tokens as u32,
-                generated_tokens: t.generated_tokens as u32,
-                prefill_ms: t.prefill_ms,
-                decode_ms: t.decode_ms,
-                step_ms: t.step_ms,
-                sample_ms: t.sample_ms,
-                ttft_ms: t.ttft_ms,
-                total_ms: t.total_ms,
-            },
-            cache_bytes: g.cache_bytes as f64,
-        })
+pub(crate) fn generation_to_js(g: Generation) -> NativeGeneration {
+    let t = g.timings;
+    NativeGeneration {
+        tokens: g.tokens,
+        prompt_tokens: g.prompt,
+        text: g.text,
+        stop_reason: g.stop_reason.as_str().to_string(),
+        timings: NativeTimings {
+            prompt_tokens: t.prompt_tokens as u32,
+            generated_tokens: t.generated_tokens as u32,
+            queue_ms: t.queue_ms,
+            prefill_ms: t.prefill_ms,
+            decode_ms: t.decode_ms,
+            step_ms: t.step_ms,
+            sample_ms: t.sample_ms,
+            ttft_ms: t.ttft_ms,
+            total_ms: t.total_ms,
+            mean_batch_size: t.mean_batch_size,
+        },
+        cache_bytes: g.cache_bytes as f64,
     }
 }

@@ -4,7 +4,7 @@
 //! Prints each median and the bytes it read per second. `matvec_probe [ROWS] [REPEATS]`.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use kvgpt::packed::{PackedMatrix, Packing};
+use kvgpt::cpu::packed::{PackedMatrix, Packing};
 use std::time::Instant;
 
 fn main() {
@@ -22,7 +22,7 @@ fn main() {
     let mut times = [vec![], vec![], vec![], vec![]];
     for _ in 0..repeats {
         let t = Instant::now();
-        std::hint::black_box(kvgpt::matvec::matvec_cpu(&x, &w, None).unwrap());
+        std::hint::black_box(kvgpt::cpu::matvec::matvec_cpu(&x, &w, None, None).unwrap());
         times[0].push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         std::hint::black_box(q8.matmul(&xv, None).unwrap());
@@ -34,7 +34,7 @@ fn main() {
         std::hint::black_box(h.matmul(&xv, None).unwrap());
         times[3].push(t.elapsed().as_secs_f64());
     }
-    println!("triad {:.1} GB/s, read {:.1} GB/s", kvgpt::bandwidth::triad(128, 5) / 1e9, kvgpt::bandwidth::read(384, 5) / 1e9);
+    println!("triad {:.1} GB/s, read {:.1} GB/s", kvgpt::cpu::bandwidth::triad(128, 5) / 1e9, kvgpt::cpu::bandwidth::read(384, 5) / 1e9);
     let bytes = [n * k * 4, q8.bytes(), n * k / 32 * 34, h.bytes()];
     for (i, name) in ["f32 matvec", "q8_0 (kvgpt, f32 x)", "q8_0 (candle)", "f16 (kvgpt, f32 x)"].iter().enumerate() {
         let t = &mut times[i];

@@ -18,10 +18,14 @@ fn main() {
     let q = Tensor::randn(0f32, 1., (1, 12, 512, 64), &d).unwrap();
     let qkv = Tensor::randn(0f32, 1., (1, 512, 2304), &d).unwrap();
     bench("gelu (1,512,3072)", || h.gelu().unwrap());
-    bench("kvgpt gelu", || kvgpt::cpu_ops::gelu_tanh(&h).unwrap());
-    bench("kvgpt attention (12 heads, 512 queries)", || kvgpt::cpu_ops::attention(&q, &q, &q, 0.125).unwrap());
+    bench("kvgpt gelu", || kvgpt::cpu::ops::gelu_tanh(&h).unwrap());
+    let cfg = kvgpt::Gpt2Config::gpt2_small();
+    let cache = kvgpt::KvCache::new(&cfg, 512, candle_core::DType::F32, &d).unwrap();
+    let qkv2 = qkv.squeeze(0).unwrap();
+    let rows = [kvgpt::model::attention::SeqRows { row0: 0, t: 512, pos: 0, cache: &cache }];
+    bench("kvgpt attention (12 heads, 512 queries)", || kvgpt::cpu::attention::attend_batch(&qkv2, &rows, 0, 12, 0.125).unwrap());
     bench("candle q k^T, causal softmax, @ v", || {
-        let att = kvgpt::cpu_ops::causal_softmax(&q.matmul(&q.t().unwrap()).unwrap(), 0.125, 0, None).unwrap();
+        let att = kvgpt::model::attention::causal_softmax(&q.matmul(&q.t().unwrap()).unwrap(), 0.125, 0, None).unwrap();
         att.matmul(&q).unwrap()
     });
     bench("softmax (1,12,512,512)", || candle_nn::ops::softmax_last_dim(&att).unwrap());

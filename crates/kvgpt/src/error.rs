@@ -82,4 +82,28 @@ impl Error {
     pub(crate) fn range(name: &'static str, reason: impl Into<String>) -> Self {
         Error::OptionOutOfRange { name, reason: reason.into() }
     }
+
+    /// A failure of kvgpt itself (`KVGPT_INTERNAL`: a bug, please report).
+    pub(crate) fn internal(msg: impl Into<String>) -> Self {
+        Error::Candle(candle_core::Error::Msg(msg.into()))
+    }
+
+    /// The same error for another request of a step that failed as a whole: same variant and
+    /// message (a candle error keeps its message, as KVGPT_INTERNAL).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::FileNotFound { what, path, hint } => Error::FileNotFound { what, path: path.clone(), hint: hint.clone() },
+            Error::InvalidFile { path, reason } => Error::InvalidFile { path: path.clone(), reason: reason.clone() },
+            Error::WeightsMismatch(s) => Error::WeightsMismatch(s.clone()),
+            Error::UnsupportedModel(s) => Error::UnsupportedModel(s.clone()),
+            Error::InvalidModelId { id, reason } => Error::InvalidModelId { id: id.clone(), reason: reason.clone() },
+            Error::HubUnavailable { id, dir, reason } => Error::HubUnavailable { id: id.clone(), dir: dir.clone(), reason: reason.clone() },
+            Error::Tokenizer(s) => Error::Tokenizer(s.clone()),
+            Error::InvalidInput(s) => Error::InvalidInput(s.clone()),
+            Error::OptionOutOfRange { name, reason } => Error::OptionOutOfRange { name, reason: reason.clone() },
+            Error::Device(s) => Error::Device(s.clone()),
+            Error::Disposed => Error::Disposed,
+            Error::Candle(e) => Error::internal(e.to_string()),
+        }
+    }
 }

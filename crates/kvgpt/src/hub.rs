@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::tokenizer::TOKENIZER_FILES;
-use crate::weights::WEIGHT_FILES;
+use crate::model::weights::WEIGHT_FILES;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 

@@ -1,30 +1,28 @@
-//! kvgpt: GPT-2-family inference on candle with a KV cache that is preallocated per session
+//! kvgpt: GPT-2-family inference on candle with a KV cache that is preallocated per sequence
 //! and written in place. `Model::load` takes a checkpoint directory or a hub id;
-//! `Model::generate` runs prefill and decode with sampling, stop conditions and timings.
+//! `Model::generate` runs prefill and decode with sampling, stop conditions and timings;
+//! `Engine` batches many concurrent sequences into one forward pass a step.
+//!
+//! Layout: `model/` (config, weights, GPT-2, KV cache, `Model`), `engine/` (scheduler, engine
+//! thread, sessions, generation, sampling, stop strings), `cpu/` (kernels).
 
-pub mod bandwidth;
-pub mod config;
-pub mod cpu_ops;
+pub use candle_core;
+
+pub mod cpu;
+pub mod engine;
 pub mod error;
-pub mod generate;
 pub mod hub;
-pub mod kv_cache;
-pub mod loader;
-pub mod matvec;
 pub mod model;
-pub mod packed;
-pub mod sampling;
-pub mod session;
-pub mod stream;
 pub mod tokenizer;
-pub mod weights;
 
-pub use config::{GenerationConfig, Gpt2Config};
+pub use engine::engine::{Engine, Job};
+pub use engine::generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
+pub use engine::sampling::SamplingParams;
+pub use engine::scheduler::{EngineOptions, EngineStats, Prompt, Scheduler};
+pub use engine::session::Session;
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
 pub use hub::HubSettings;
-pub use kv_cache::KvCache;
-pub use loader::{DeviceKind, LoadOptions, Model, ModelInfo, WeightDType};
-pub use model::{Gpt2, Logits};
-pub use sampling::SamplingParams;
-pub use session::Session;
+pub use model::config::{GenerationConfig, Gpt2Config};
+pub use model::gpt2::{Gpt2, Logits, Segment, StepLogits};
+pub use model::kv_cache::KvCache;
+pub use model::loader::{DeviceKind, LoadOptions, Model, ModelInfo, WeightDType};

@@ -111,10 +111,10 @@ fn stop_string_ends_the_text_before_it() {
 }
 
 #[test]
-fn abort_from_the_callback_stops_after_one_more_token() {
-    // generate() checks the flag after sampling each token and before its event; a flag set
-    // in the 5th event is seen after the 6th token is sampled, so 6 tokens come back (the
-    // last one streamed with its text too).
+fn abort_from_the_callback_stops_before_the_next_token() {
+    // The engine checks the flag before each forward pass (and after sampling each token,
+    // before its event): a flag set in the 5th event is seen before the 6th token is computed,
+    // so 5 tokens come back, each streamed with its text.
     let model = load("tiny-gpt2");
     let (prompt, expected) = reference_prompt("tiny-gpt2", 0);
     let abort = AtomicBool::new(false);
@@ -128,10 +128,10 @@ fn abort_from_the_callback_stops_after_one_more_token() {
         })
         .unwrap();
     assert_eq!(g.stop_reason, StopReason::Aborted);
-    assert_eq!(g.tokens.len(), 6);
-    assert_eq!(g.tokens, expected[..6]);
+    assert_eq!(g.tokens.len(), 5);
+    assert_eq!(g.tokens, expected[..5]);
     check_consistent(&g, &events, prompt.len());
-    assert_eq!(g.text, Some(model.decode(&expected[..6]).unwrap()));
+    assert_eq!(g.text, Some(model.decode(&expected[..5]).unwrap()));
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn out_of_range_options_fail_before_any_work() {
         with(&|o| o.sampling.top_p = 1.5),
         with(&|o| o.sampling.repetition_penalty = 0.0),
         with(&|o| o.stop = vec!["ok".into(), String::new()]),
-        with(&|o| o.max_new_tokens = kvgpt::generate::MAX_NEW_TOKENS_LIMIT + 1),
+        with(&|o| o.max_new_tokens = kvgpt::engine::generate::MAX_NEW_TOKENS_LIMIT + 1),
     ];
     for opts in &bad {
         assert_eq!(generate_err(&model, &prompt, opts), ("KVGPT_OPTION_RANGE", 0), "{opts:?}");

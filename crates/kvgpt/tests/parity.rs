@@ -31,7 +31,7 @@ fn check_fixture(name: &str) {
         // Feed the reference greedy ids one at a time through a preallocated cache; the
         // logits of the last step must match HF's, and each step's max logit too.
         let cfg = model.config();
-        let mut cache = KvCache::new(cfg, 1, prompt.len() + n_new, model.gpt2().dtype(), &dev).unwrap();
+        let mut cache = KvCache::new(cfg, prompt.len() + n_new, model.gpt2().dtype(), &dev).unwrap();
         let (k_before, _) = cache.layer_buffers(0);
         let k_ptr = format!("{:?}", k_before.id());
         let mut step = model.gpt2().forward(&input, 0, Some(&mut cache), Logits::Last).unwrap();
@@ -91,7 +91,7 @@ fn prefill_in_chunks_equals_one_prefill() {
     let prompt: Vec<u32> = vec![464, 509, 53, 12940, 7000, 8251, 290, 3815];
     let whole = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
     let expected = model.gpt2().forward(&whole, 0, None, Logits::Last).unwrap();
-    let mut cache = KvCache::new(model.config(), 1, 16, model.gpt2().dtype(), &dev).unwrap();
+    let mut cache = KvCache::new(model.config(), 16, model.gpt2().dtype(), &dev).unwrap();
     let a = Tensor::new(&prompt[..5], &dev).unwrap().unsqueeze(0).unwrap();
     let b = Tensor::new(&prompt[5..], &dev).unwrap().unsqueeze(0).unwrap();
     model.gpt2().forward(&a, 0, Some(&mut cache), Logits::Last).unwrap();

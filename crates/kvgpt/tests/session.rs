@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kvgpt::sampling::argmax;
+use kvgpt::engine::sampling::argmax;
 use kvgpt::Session;
 
 fn next(session: &mut Session, model: &kvgpt::Model, ids: &[u32]) -> u32 {

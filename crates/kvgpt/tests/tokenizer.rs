@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kvgpt::stream::TextStream;
+use kvgpt::engine::stream::TextStream;
 use kvgpt::tokenizer::{Tokenizer, TokenizerKind};
 
 fn gpt2_from_json() -> Tokenizer {

@@ -2,12 +2,12 @@
 //! weights, the tokenizer (if the directory has one), the generation defaults, and facts
 //! about the model (`ModelInfo`).
 
-use crate::config::{GenerationConfig, Gpt2Config};
+use crate::model::config::{GenerationConfig, Gpt2Config};
 use crate::error::{Error, Result};
 use crate::hub::{self, HubSettings};
-use crate::model::Gpt2;
+use crate::model::gpt2::Gpt2;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{self, WeightsSource};
+use crate::model::weights::{self, WeightsSource};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -8,8 +8,8 @@
 //! prompt) expand each row of W into f32 in L1 for the matvec kernel (`matvec::Rows`); many
 //! rows expand W a slab at a time for gemm.
 
-use crate::cpu_ops::f32_slice;
-use crate::matvec::{self, Rows};
+use crate::cpu::ops::f32_slice;
+use crate::cpu::matvec::{self, Rows};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -122,15 +122,37 @@ impl PackedMatrix {
     fn matmul_in_slabs(&self, x: &[f32], bias: Option<&[f32]>, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         let m = matvec::rows_of(x, n, k, bias)?;
-        if m == 1 {
+        if m <= matvec::MAX_ROWS {
+            return self.few_rows(x, bias);
+        }
+        let mut y = matvec::start_with_bias(m, n, bias);
+        self.many_rows(x, bias.is_some(), &mut y, slab_floats);
+        Ok(y)
+    }
+
+    /// y = x W^T (+ b) with x's rows grouped by `plan` (see `matvec::RowPlan`).
+    pub fn matmul_by(&self, x: &[f32], bias: Option<&[f32]>, plan: &matvec::RowPlan) -> candle_core::Result<Vec<f32>> {
+        matvec::rows_of(x, self.n, self.k, bias)?;
+        plan.apply(x, self.k, self.n, |x| self.few_rows(x, bias), |x, y| {
+            if let Some(b) = bias {
+                y.chunks_exact_mut(self.n).for_each(|row| row.copy_from_slice(b));
+            }
+            self.many_rows(x, bias.is_some(), y, SLAB_FLOATS);
+        })
+    }
+
+    /// One row through the four-row kernels, a few through matvec's (rows expanded in L1).
+    fn few_rows(&self, x: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        if x.len() == self.k {
             return Ok(self.matvec(x, bias));
         }
-        if m <= matvec::MAX_ROWS {
-            return matvec::matvec_rows(x, self, bias);
-        }
-        // Compute-bound: expand a slab of W's rows to f32 and let gemm multiply it, adding to
-        // the slab's columns of y (which start as the bias).
-        let mut y = matvec::start_with_bias(m, n, bias);
+        matvec::matvec_rows(x, self, bias)
+    }
+
+    /// Many rows, compute-bound: a slab of W's rows expanded to f32 at a time for gemm, which
+    /// adds to the slab's columns of y (starting as the bias when `accumulate`).
+    fn many_rows(&self, x: &[f32], accumulate: bool, y: &mut [f32], slab_floats: usize) {
+        let (n, k) = (self.n, self.k);
         let slab_rows = (slab_floats / k).clamp(1, n);
         let mut slab = vec![0f32; slab_rows * k];
         for first in (0..n).step_by(slab_rows) {
@@ -139,9 +161,8 @@ impl PackedMatrix {
             slab.par_chunks_mut(k).enumerate().for_each(|(i, out)| {
                 self.row(first + i, out);
             });
-            matvec::gemm_xwt(x, slab, k, &mut y[first..], n, bias.is_some());
+            matvec::gemm_xwt(x, slab, k, &mut y[first..], n, accumulate);
         }
-        Ok(y)
     }
 
     /// One row x: W's rows four at a time straight from their packed form.
@@ -220,7 +241,6 @@ impl PackedMatrix {
 }
 
 impl Rows for PackedMatrix {
-    const EXPANDS: bool = true;
     fn shape(&self) -> (usize, usize) {
         (self.n, self.k)
     }
@@ -426,10 +446,12 @@ unsafe fn bf16_dot4_avx2(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
     half_dot4_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
 }
 
-/// x W^T (+ b) as a candle op: x (..., k) f32 on the CPU, contiguous.
+/// x W^T (+ b) as a candle op: x (..., k) f32 on the CPU, contiguous; rows grouped by `plan`
+/// when there is one.
 struct PackedOp<'a> {
     w: &'a PackedMatrix,
     b: Option<&'a [f32]>,
+    plan: Option<&'a matvec::RowPlan>,
 }
 
 impl CustomOp1 for PackedOp<'_> {
@@ -437,7 +459,11 @@ impl CustomOp1 for PackedOp<'_> {
         "kvgpt-packed-matmul"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.w.matmul(f32_slice(s, l, "x")?, self.b)?;
+        let x = f32_slice(s, l, "x")?;
+        let y = match self.plan {
+            Some(plan) => self.w.matmul_by(x, self.b, plan)?,
+            None => self.w.matmul(x, self.b)?,
+        };
         Ok((CpuStorage::F32(y), matvec::out_shape(l, self.w.n)))
     }
 }
@@ -457,8 +483,9 @@ impl PackedLinear {
         Ok(Self { w: PackedMatrix::pack(&data, n, k, packing), b })
     }
 
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&PackedOp { w: &self.w, b: self.b.as_deref() })
+    /// x (..., k); with a plan, x's rows are grouped as it says.
+    pub fn forward(&self, x: &Tensor, plan: Option<&matvec::RowPlan>) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&PackedOp { w: &self.w, b: self.b.as_deref(), plan })
     }
 
     /// Bytes of weights and bias.
@@ -569,12 +596,12 @@ mod tests {
         for (packing, max_rel) in [(Packing::Q8_0, 2e-2), (Packing::F16, 1e-3), (Packing::Bf16, 1e-2)] {
             let lin = PackedLinear::new(&w, Some(&b), packing).unwrap();
             assert_eq!(lin.bytes(), lin.w.bytes() + 48 * 4);
-            let y = lin.forward(&Tensor::ones((2, 3, 64), candle_core::DType::F32, &d).unwrap()).unwrap();
+            let y = lin.forward(&Tensor::ones((2, 3, 64), candle_core::DType::F32, &d).unwrap(), None).unwrap();
             assert_eq!(y.dims(), &[2, 3, 48]);
             let rel = ((&y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
                 / want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(rel < max_rel, "{packing:?}: relative error {rel}");
-            assert!(lin.forward(&Tensor::zeros((2, 63), candle_core::DType::F32, &d).unwrap()).is_err());
+            assert!(lin.forward(&Tensor::zeros((2, 63), candle_core::DType::F32, &d).unwrap(), None).is_err());
         }
     }
 }

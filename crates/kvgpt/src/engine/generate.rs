@@ -1,14 +1,13 @@
-//! The generation loop: prefill, then one token per step (a one-token forward over the KV
-//! cache, or the whole sequence again with the cache off), sampling, stop conditions, the
-//! text stream, and the timings of each region.
+//! A generation's options, result, stop reasons and timings, and `Model::generate` /
+//! `generate_batch`, which run requests through a `Scheduler` on the calling thread (prefill in
+//! chunks, then one token per step; sampling, stop conditions and the text stream per request).
 
+use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::{Abort, EngineOptions, GenerateRequest, Prompt, Request, Scheduler};
 use crate::error::{Error, Result};
-use crate::loader::Model;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::session::Session;
-use crate::stream::TextStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use crate::model::loader::Model;
+use std::cell::RefCell;
+use std::sync::atomic::AtomicBool;
 
 /// Upper bound of `max_new_tokens`; the context (n_positions) usually stops generation first.
 pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 20;
@@ -84,12 +83,15 @@ impl StopReason {
     }
 }
 
-/// Milliseconds of each region, taken around the exact code (vocabulary of llama.cpp).
+/// Milliseconds of each region, taken around the exact code (vocabulary of llama.cpp). A
+/// forward pass that carried this request and others counts whole for each of them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timings {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// The first forward pass over the prompt.
+    /// From the request's arrival to its admission (a place among the engine's sequences).
+    pub queue_ms: f64,
+    /// The forward passes that read the prompt (one per chunk).
     pub prefill_ms: f64,
     /// All later forward passes.
     pub decode_ms: f64,
@@ -97,9 +99,11 @@ pub struct Timings {
     pub step_ms: Vec<f64>,
     /// Logit processing and drawing, all steps.
     pub sample_ms: f64,
-    /// Prefill plus the first token's sampling.
+    /// From arrival to the first token (queue, prefill and the first sampling).
     pub ttft_ms: f64,
     pub total_ms: f64,
+    /// Mean number of sequences in the forward passes that carried this request.
+    pub mean_batch_size: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -121,10 +125,6 @@ pub struct Generation {
 pub struct TokenEvent<'a> {
     pub token: u32,
     pub text: &'a str,
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
 }
 
 impl Model {
@@ -150,9 +150,9 @@ impl Model {
         Ok(prompt)
     }
 
-    /// Generates from token ids. `abort` is checked between steps: a set flag ends the
-    /// generation within one step with `StopReason::Aborted` and what was generated so far.
-    /// `on_token` sees each new id with the text it completes.
+    /// Generates from token ids on this thread. `abort` is checked between steps: a set flag
+    /// ends the generation within one step with `StopReason::Aborted` and what was generated so
+    /// far. `on_token` sees each new id with the text it completes.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -161,83 +161,47 @@ impl Model {
         on_token: &mut dyn FnMut(TokenEvent<'_>),
     ) -> Result<Generation> {
         opts.validate()?;
-        let start = Instant::now();
-        let prompt = self.prepare_prompt(prompt)?;
-        let cfg = self.config();
-        let mut sampler = Sampler::new(opts.sampling.clone(), cfg.vocab_size)?;
-        let mut text = match &self.tokenizer {
-            Some(t) => Some(TextStream::new(t.decode_stream(), &opts.stop)),
-            None => None,
-        };
-        let capacity = prompt.len() + opts.max_new_tokens;
-        let mut session = Session::new(&self.gpt2, capacity, opts.use_cache && opts.max_new_tokens > 0)?;
-        let cache_bytes = session.cache().map_or(0, |c| c.bytes());
-        let mut t = Timings { prompt_tokens: prompt.len(), ..Default::default() };
-        let mut new_tokens = Vec::new();
-        let mut stop = StopReason::MaxNewTokens;
-        let mut logits = None;
-        let device = self.gpt2.device().clone();
-        // Plain greedy needs no sampler: `greedy_id` takes the argmax where the logits are (on a
-        // GPU only the id crosses to the host).
-        let plain_greedy = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
-        if abort.load(Ordering::Relaxed) {
-            stop = StopReason::Aborted;
-        } else if opts.max_new_tokens > 0 {
-            let t0 = Instant::now();
-            logits = Some(session.feed(&self.gpt2, &prompt)?);
-            device.synchronize()?; // a GPU runs the step asynchronously: time its end, not its launch
-            t.prefill_ms = ms(t0);
+        let out = RefCell::new(None);
+        {
+            let mut scheduler = Scheduler::new(self, EngineOptions::defaults_for(self.gpt2.device()))?;
+            scheduler.submit(Request::Generate(GenerateRequest {
+                prompt: Prompt::Ids(prompt.to_vec()),
+                options: opts.clone(),
+                abort: Abort::Borrowed(abort),
+                on_token: Some(Box::new(|e| on_token(e))),
+                on_done: Box::new(|r| *out.borrow_mut() = Some(r)),
+            }));
+            scheduler.run_to_completion();
         }
-        while let Some(step_logits) = logits.take() {
-            let t0 = Instant::now();
-            let token = if plain_greedy {
-                crate::sampling::greedy_id(&step_logits.squeeze(0)?)?
-            } else {
-                let mut row: Vec<f32> = step_logits.squeeze(0)?.to_vec1()?;
-                sampler.sample(&mut row, session.tokens())
-            };
-            t.sample_ms += ms(t0);
-            if new_tokens.is_empty() {
-                t.ttft_ms = ms(start);
+        out.into_inner().expect("every request ends with a result")
+    }
+
+    /// Generates from several prompts at once, batched (continuous batching on this thread,
+    /// with `engine`'s limits, the defaults for the device when None). One result per prompt,
+    /// in order; a prompt's bad input fails that prompt alone.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        engine: Option<EngineOptions>,
+        abort: &AtomicBool,
+    ) -> Result<Vec<Result<Generation>>> {
+        opts.validate()?;
+        let out: Vec<RefCell<Option<Result<Generation>>>> = prompts.iter().map(|_| RefCell::new(None)).collect();
+        {
+            let engine = engine.unwrap_or_else(|| EngineOptions::defaults_for(self.gpt2.device()));
+            let mut scheduler = Scheduler::new(self, engine)?;
+            for (prompt, slot) in prompts.iter().zip(&out) {
+                scheduler.submit(Request::Generate(GenerateRequest {
+                    prompt: Prompt::Ids(prompt.clone()),
+                    options: opts.clone(),
+                    abort: Abort::Borrowed(abort),
+                    on_token: None,
+                    on_done: Box::new(move |r| *slot.borrow_mut() = Some(r)),
+                }));
             }
-            new_tokens.push(token);
-            let is_eos = !opts.ignore_eos && cfg.eos_token_ids.contains(&token);
-            let mut chunk = String::new();
-            let mut hit_stop = false;
-            if let (Some(ts), false) = (text.as_mut(), is_eos) {
-                hit_stop = ts.push(token, &mut chunk)?;
-            }
-            let last = if is_eos {
-                Some(StopReason::Eos)
-            } else if hit_stop {
-                Some(StopReason::StopString)
-            } else if new_tokens.len() >= opts.max_new_tokens {
-                Some(StopReason::MaxNewTokens)
-            } else if session.tokens().len() >= cfg.n_positions {
-                Some(StopReason::ContextFull) // the new token has no position left to be fed at
-            } else if abort.load(Ordering::Relaxed) {
-                Some(StopReason::Aborted)
-            } else {
-                None
-            };
-            if let (Some(ts), Some(_)) = (text.as_mut(), last) {
-                ts.flush(&mut chunk); // release text held back for a possible stop string
-            }
-            on_token(TokenEvent { token, text: &chunk });
-            if let Some(reason) = last {
-                stop = reason;
-                break;
-            }
-            let t0 = Instant::now();
-            logits = Some(session.feed(&self.gpt2, &[token])?);
-            device.synchronize()?;
-            let dt = ms(t0);
-            t.decode_ms += dt;
-            t.step_ms.push(dt);
+            scheduler.run_to_completion();
         }
-        let text = text.map(TextStream::into_text);
-        t.generated_tokens = new_tokens.len();
-        t.total_ms = ms(start);
-        Ok(Generation { prompt, tokens: new_tokens, text, stop_reason: stop, timings: t, cache_bytes })
+        Ok(out.into_iter().map(|r| r.into_inner().expect("every request ends with a result")).collect())
     }
 }

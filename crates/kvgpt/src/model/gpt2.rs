@@ -1,0 +1,341 @@
+//! GPT-2 on candle ops: wte + wpe, n_layer blocks (ln_1, causal self-attention, ln_2, MLP),
+//! ln_f, and the lm_head (tied to wte unless the config says otherwise). One forward pass
+//! carries a step of many sequences (`forward_batch`): their rows go through the linear layers
+//! together, so the weights are read once for the whole step, and each sequence attends to its
+//! own KV cache.
+
+use crate::cpu::matvec::{RowPlan, MAX_ROWS};
+use crate::cpu::ops;
+use crate::error::{Error, Result};
+use crate::model::attention::{causal_masks, Attention, SeqRows};
+use crate::model::config::{Activation, Gpt2Config};
+use crate::model::kv_cache::KvCache;
+use crate::model::linear::Linear;
+use crate::model::loader::WeightDType;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::LayerNorm;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// Which positions of a sequence's rows get logits: the last one (the next token), all of them
+/// (scoring, parity tests), or none (a prompt chunk with more to come).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+    Skip,
+}
+
+/// One sequence's part of a forward pass: `ids` at positions `cache.len()..`; their K/V are
+/// written into `cache`, over which they attend.
+pub struct Segment<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a KvCache,
+    pub logits: Logits,
+}
+
+/// A step's logits: (R, vocab) in f32 (None when no segment asked for any), and for each
+/// segment, in the order given, the range of its rows.
+pub struct StepLogits {
+    pub logits: Option<Tensor>,
+    pub rows: Vec<Range<usize>>,
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,     // (vocab, C)
+    wpe: Tensor,     // (n_positions, C)
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear, // (vocab, C), no bias
+    act: candle_nn::Activation,
+    device: Device,
+    dtype: WeightDType,
+}
+
+/// Takes named tensors out of the checkpoint map, checking each shape against the config.
+struct Weights<'a> {
+    map: &'a mut HashMap<String, Tensor>,
+    dtype: WeightDType,
+}
+
+impl Weights<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| Error::WeightsMismatch(format!("tensor {name} is missing")))?;
+        if t.dims() != shape {
+            return Err(Error::WeightsMismatch(format!(
+                "tensor {name} has shape {:?} but config.json implies {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// HF's Conv1D stores its weight as (in, out); candle's Linear wants (out, in), so it is
+    /// transposed once here, at load.
+    fn conv1d(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[n_in, n_out])?.t()?.contiguous()?;
+        let b = self.take(&format!("{prefix}.bias"), &[n_out])?;
+        Linear::new(w, Some(b), self.dtype)
+    }
+
+    fn layer_norm(&mut self, prefix: &str, n: usize, eps: f64) -> Result<LayerNorm> {
+        let w = self.take(&format!("{prefix}.weight"), &[n])?;
+        let act = self.dtype.activations(w.device());
+        let w = w.to_dtype(act)?;
+        let b = self.take(&format!("{prefix}.bias"), &[n])?.to_dtype(act)?;
+        Ok(LayerNorm::new(w, b, eps))
+    }
+}
+
+impl Gpt2 {
+    /// Builds the model from f32 checkpoint tensors named in the `h.0.attn.c_attn.weight` style,
+    /// converting them to `dtype`.
+    pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device, dtype: WeightDType) -> Result<Self> {
+        let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon);
+        let act = dtype.activations(device);
+        let lm_head_untied = map.remove("lm_head.weight");
+        let mut w = Weights { map: &mut map, dtype };
+        let wte = w.take("wte.weight", &[v, c])?;
+        let wpe = w.take("wpe.weight", &[cfg.n_positions, c])?.to_dtype(act)?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("h.{i}");
+            let mut scale = 1.0;
+            if cfg.scale_attn_weights {
+                scale /= (cfg.head_dim() as f64).sqrt();
+            }
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            blocks.push(Block {
+                ln_1: w.layer_norm(&format!("{p}.ln_1"), c, eps)?,
+                attn: Attention {
+                    c_attn: w.conv1d(&format!("{p}.attn.c_attn"), c, 3 * c)?,
+                    c_proj: w.conv1d(&format!("{p}.attn.c_proj"), c, c)?,
+                    n_head: cfg.n_head,
+                    scale,
+                },
+                ln_2: w.layer_norm(&format!("{p}.ln_2"), c, eps)?,
+                c_fc: w.conv1d(&format!("{p}.mlp.c_fc"), c, cfg.n_inner)?,
+                mlp_proj: w.conv1d(&format!("{p}.mlp.c_proj"), cfg.n_inner, c)?,
+            });
+        }
+        let ln_f = w.layer_norm("ln_f", c, eps)?;
+        if let Some(extra) = map.keys().find(|k| k.starts_with("h.")) {
+            return Err(Error::WeightsMismatch(format!(
+                "tensor {extra} is not used by a {}-layer config",
+                cfg.n_layer
+            )));
+        }
+        let wte = wte.to_dtype(act)?;
+        let lm_head = match (cfg.tie_word_embeddings, lm_head_untied) {
+            (false, Some(t)) if t.dims() == [v, c] => t,
+            (false, Some(t)) => {
+                return Err(Error::WeightsMismatch(format!(
+                    "lm_head.weight has shape {:?}, expected {:?}",
+                    t.dims(),
+                    [v, c]
+                )))
+            }
+            (false, None) => {
+                return Err(Error::WeightsMismatch(
+                    "tie_word_embeddings is false but lm_head.weight is missing".into(),
+                ))
+            }
+            (true, _) => wte.clone(),
+        };
+        // Tied: with a dense dtype both are the one tensor (to_dtype of a tensor already in that
+        // dtype shares its storage); packed (CPU f16/bf16/q8_0) or quantized, the lm_head is a
+        // copy in that form and wte stays as the embedding table.
+        let lm_head = Linear::new(lm_head, None, dtype)?;
+        let act = match cfg.activation {
+            Activation::GeluTanh => candle_nn::Activation::NewGelu,
+            Activation::GeluErf => candle_nn::Activation::Gelu,
+            Activation::Relu => candle_nn::Activation::Relu,
+            Activation::Silu => candle_nn::Activation::Silu,
+        };
+        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head, act, device: device.clone(), dtype })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of activations and of the KV cache.
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    pub fn weight_dtype(&self) -> WeightDType {
+        self.dtype
+    }
+
+    /// Bytes of weights one decode step reads: every linear layer with its bias, the lm_head
+    /// and the layer norms (of the embeddings, one row each).
+    pub fn step_weight_bytes(&self) -> usize {
+        let ln = |l: &LayerNorm| 2 * l.weight().elem_count() * l.weight().dtype().size_in_bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.attn.c_attn.bytes() + b.attn.c_proj.bytes() + b.c_fc.bytes() + b.mlp_proj.bytes() + ln(&b.ln_1) + ln(&b.ln_2))
+            .sum();
+        blocks + ln(&self.ln_f) + self.lm_head.bytes()
+    }
+
+    /// One forward pass over a step of sequences. Each segment's K/V are written into its cache
+    /// at `cache.len()..` and its queries attend to that cache's first `len + T` positions; the
+    /// caller advances the caches (`KvCache::advance`) once it succeeds. Rows are laid out with
+    /// the short segments first (at most `MAX_ROWS` each) and every long one after, so that on
+    /// the CPU a row's numbers do not depend on what else is in the step (see `RowPlan`).
+    pub fn forward_batch(&self, segs: &[Segment<'_>]) -> Result<StepLogits> {
+        let c = self.cfg.n_embd;
+        if segs.is_empty() {
+            return Err(Error::InvalidInput("a forward pass needs at least one sequence".into()));
+        }
+        for s in segs {
+            let (t, pos) = (s.ids.len(), s.cache.len());
+            if t == 0 {
+                return Err(Error::InvalidInput("forward needs at least one token".into()));
+            }
+            if pos + t > self.cfg.n_positions {
+                return Err(Error::InvalidInput(format!(
+                    "positions {pos}..{} exceed the model's context of {} (n_positions)",
+                    pos + t,
+                    self.cfg.n_positions
+                )));
+            }
+            s.cache.check_room(t)?;
+            if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(Error::InvalidInput(format!("token id {id} is outside the vocabulary (ids are 0..{})", self.cfg.vocab_size)));
+            }
+        }
+        // Row order: short segments first, then each long one.
+        let mut order: Vec<usize> = (0..segs.len()).collect();
+        order.sort_by_key(|&i| segs[i].ids.len() > MAX_ROWS);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut rows = Vec::with_capacity(segs.len());
+        let mut plan = RowPlan { small: 0, big: vec![] };
+        for &i in &order {
+            let s = &segs[i];
+            let (t, pos) = (s.ids.len(), s.cache.len());
+            rows.push(SeqRows { row0: ids.len(), t, pos, cache: s.cache });
+            ids.extend_from_slice(s.ids);
+            positions.extend((pos..pos + t).map(|p| p as u32));
+            if t > MAX_ROWS {
+                plan.big.push(t);
+            } else {
+                plan.small += t;
+            }
+        }
+        let n = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?; // (N, C)
+        let masks = causal_masks(&rows, &self.device, x.dtype())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = block.ln_1.forward(&x)?;
+            let h = block.attn.forward(&h, &plan, &rows, i, &masks)?;
+            x = (x + h)?;
+            let h = block.ln_2.forward(&x)?;
+            let h = block.mlp_proj.forward(&self.activation(&block.c_fc.forward(&h, &plan)?)?, &plan)?;
+            x = (x + h)?;
+        }
+        debug_assert_eq!(x.dims(), [n, c]);
+        self.logits(&x, segs, &order, &rows)
+    }
+
+    /// ln_f and the lm_head over the rows the segments asked for: every `Last` row and the
+    /// `All` rows of short segments first (one matvec group), then the `All` rows of each long
+    /// segment (a gemm each).
+    fn logits(&self, x: &Tensor, segs: &[Segment<'_>], order: &[usize], rows: &[SeqRows<'_>]) -> Result<StepLogits> {
+        let mut out = vec![0..0; segs.len()];
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut plan = RowPlan { small: 0, big: vec![] };
+        for pass_big in [false, true] {
+            for (&i, r) in order.iter().zip(rows) {
+                let (first, count) = match segs[i].logits {
+                    Logits::Skip => continue,
+                    Logits::Last => (r.row0 + r.t - 1, 1),
+                    Logits::All => (r.row0, r.t),
+                };
+                if (count > MAX_ROWS) != pass_big {
+                    continue;
+                }
+                out[i] = wanted.len()..wanted.len() + count;
+                wanted.extend((first..first + count).map(|r| r as u32));
+                if pass_big {
+                    plan.big.push(count);
+                } else {
+                    plan.small += count;
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(StepLogits { logits: None, rows: out });
+        }
+        let x = x.index_select(&Tensor::new(wanted.as_slice(), &self.device)?, 0)?; // (R, C)
+        let x = self.ln_f.forward(&x)?;
+        let logits = self.lm_head.forward(&x, &plan)?.to_dtype(DType::F32)?; // (R, vocab)
+        Ok(StepLogits { logits: Some(logits), rows: out })
+    }
+
+    /// Runs `ids` (1, T) of one sequence, whose first position is `pos`. With a cache, the new
+    /// K/V are written in place and attention covers the cache's filled part; `pos` must then
+    /// equal `cache.len()`. Without one, the sequence (starting at position 0) attends to
+    /// itself only. Returns logits (1, vocab) for `Logits::Last`, (1, T, vocab) for `Logits::All`.
+    pub fn forward(&self, ids: &Tensor, pos: usize, cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if b != 1 {
+            return Err(Error::InvalidInput(format!("forward takes one sequence (1, T), got {b}; batch sequences with forward_batch")));
+        }
+        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut scratch;
+        let cache = match cache {
+            Some(cache) if cache.len() != pos => {
+                return Err(Error::InvalidInput(format!(
+                    "position {pos} does not follow the cache's {} filled positions",
+                    cache.len()
+                )))
+            }
+            Some(cache) => cache,
+            None if pos != 0 => return Err(Error::InvalidInput(format!("without a cache a sequence starts at position 0, not {pos}"))),
+            None => {
+                scratch = KvCache::scratch(&self.cfg, t.clamp(1, self.cfg.n_positions), self.dtype(), &self.device)?;
+                &mut scratch
+            }
+        };
+        let step = self.forward_batch(&[Segment { ids: &ids, cache, logits: which }])?;
+        cache.advance(t);
+        let logits = step.logits.ok_or_else(|| Error::InvalidInput("Logits::Skip asks for no logits".into()))?;
+        Ok(match which {
+            Logits::All => logits.unsqueeze(0)?, // (1, T, vocab)
+            _ => logits,                          // (1, vocab)
+        })
+    }
+}
+
+impl Gpt2 {
+    fn activation(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            candle_nn::Activation::NewGelu => ops::gelu_tanh(x),
+            act => Ok(x.apply(&act)?),
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The engine: sequences batched into one forward pass get exactly the tokens they get alone
+//! (greedy and seeded sampling, cache on and off, mixed prompt lengths, prompts read in chunks,
+//! sequences joining mid-flight and leaving early by max tokens, stop strings and aborts), HF's
+//! left-padded batch is reproduced, one request's bad input fails it alone, and the engine
+//! thread batches concurrent callers. On the CPU in f32 a row's numbers do not depend on the
+//! rest of the step, so batched logits equal solo ones bit for bit.
+
+mod common;
+use common::*;
+use kvgpt::engine::scheduler::{Abort, FeedRequest, GenerateRequest, Request};
+use kvgpt::{EngineOptions, EngineStats, GenerateOptions, Generation, Job, KvCache, Logits, Model, Prompt, SamplingParams, Scheduler, Segment, Session, StopReason};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const N_POSITIONS: usize = 128;
+
+fn on_cpu(model: &Model) -> bool {
+    model.gpt2().device().is_cpu()
+}
+
+/// `n` valid ids of a varied pattern, different per `salt`.
+fn prompt_of(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + salt * 104_729 + 11) % 50_000).collect()
+}
+
+fn sampled(seed: u64, max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        sampling: SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.0, seed: Some(seed) },
+        ..greedy(max_new_tokens, true)
+    }
+}
+
+/// One request of a scripted run: it arrives before step `arrival`, and aborts itself from its
+/// token callback once it has `abort_after` tokens.
+#[derive(Clone, Debug)]
+struct Spec {
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    arrival: usize,
+    abort_after: Option<usize>,
+}
+
+/// Runs `specs` through one scheduler with `engine`'s limits; results in spec order.
+fn run_scripted(model: &Model, engine: &EngineOptions, specs: &[Spec]) -> (Vec<kvgpt::Result<Generation>>, EngineStats) {
+    let out: Vec<RefCell<Option<kvgpt::Result<Generation>>>> = specs.iter().map(|_| RefCell::new(None)).collect();
+    let flags: Vec<AtomicBool> = specs.iter().map(|_| AtomicBool::new(false)).collect();
+    let stats;
+    {
+        let mut scheduler = Scheduler::new(model, engine.clone()).unwrap();
+        let mut step = 0;
+        let mut submitted = 0;
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by_key(|&i| specs[i].arrival);
+        loop {
+            while submitted < order.len() && specs[order[submitted]].arrival <= step {
+                let i = order[submitted];
+                let (spec, flag, slot) = (&specs[i], &flags[i], &out[i]);
+                let mut seen = 0;
+                scheduler.submit(Request::Generate(GenerateRequest {
+                    prompt: Prompt::Ids(spec.prompt.clone()),
+                    options: spec.opts.clone(),
+                    abort: Abort::Borrowed(flag),
+                    on_token: Some(Box::new(move |_| {
+                        seen += 1;
+                        if Some(seen) == spec.abort_after {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    })),
+                    on_done: Box::new(move |r| *slot.borrow_mut() = Some(r)),
+                }));
+                submitted += 1;
+            }
+            if submitted == order.len() && scheduler.is_idle() {
+                break;
+            }
+            scheduler.step();
+            step += 1;
+        }
+        stats = scheduler.stats().clone();
+    }
+    (out.into_iter().map(|r| r.into_inner().expect("every request ends")).collect(), stats)
+}
+
+/// A spec run alone, under the same limits (so its prompt is chunked the same way).
+fn solo(model: &Model, engine: &EngineOptions, spec: &Spec) -> kvgpt::Result<Generation> {
+    let alone = Spec { arrival: 0, ..spec.clone() };
+    run_scripted(model, engine, &[alone]).0.pop().unwrap()
+}
+
+fn same_result(a: &kvgpt::Result<Generation>, b: &kvgpt::Result<Generation>, what: &str) {
+    match (a, b) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a.tokens, b.tokens, "{what}: tokens");
+            assert_eq!(a.text, b.text, "{what}: text");
+            assert_eq!(a.stop_reason, b.stop_reason, "{what}: stop reason");
+            assert_eq!(a.prompt, b.prompt, "{what}: prompt");
+        }
+        (Err(a), Err(b)) => assert_eq!((a.code(), a.to_string()), (b.code(), b.to_string()), "{what}: error"),
+        (a, b) => panic!("{what}: batched {:?} but alone {:?}", a.as_ref().map(|g| &g.tokens), b.as_ref().map(|g| &g.tokens)),
+    }
+}
+
+#[test]
+fn batched_greedy_equals_the_reference_and_hf_left_padded_batch() {
+    let model = load("tiny-gpt2");
+    let reference = reference_json("tiny-gpt2");
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| reference_prompt("tiny-gpt2", i).0).collect();
+    let hf_batch = reference["batch_left_padded_greedy_new_ids"].as_array().unwrap();
+    for use_cache in [true, false] {
+        let results = model.generate_batch(&prompts, &greedy(40, use_cache), None, &AtomicBool::new(false)).unwrap();
+        for (i, r) in results.iter().enumerate() {
+            let g = r.as_ref().unwrap();
+            assert_eq!(g.tokens, reference_prompt("tiny-gpt2", i).1, "prompt {i} use_cache={use_cache}");
+            assert_eq!(g.tokens, ids(&hf_batch[i]), "prompt {i}: HF's left-padded batch");
+            assert!(g.timings.mean_batch_size > 1.0, "prompt {i} rode alone: {}", g.timings.mean_batch_size);
+        }
+    }
+}
+
+/// Logits of sequences run together equal those run alone: bit for bit on the CPU (short
+/// segments in the shared matvec group, a 60-token one in a gemm of its own), within 1e-4
+/// elsewhere.
+#[test]
+fn batched_logits_equal_solo_logits() {
+    let model = load("tiny-gpt2");
+    let gpt2 = model.gpt2();
+    let prompts = [prompt_of(6, 1), prompt_of(1, 2), prompt_of(60, 3), prompt_of(17, 4), prompt_of(33, 5)];
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(gpt2, 64, true).unwrap();
+            let mut rows = s.feed(gpt2, p).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            rows.extend(s.feed(gpt2, &[464]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            rows
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config(), 64, gpt2.dtype(), gpt2.device()).unwrap()).collect();
+    let mut together = vec![Vec::new(); prompts.len()];
+    for round in 0..2 {
+        let step = {
+            let segs: Vec<Segment> = caches
+                .iter()
+                .zip(&prompts)
+                .map(|(c, p)| Segment { ids: if round == 0 { p } else { &[464] }, cache: c, logits: Logits::Last })
+                .collect();
+            gpt2.forward_batch(&segs).unwrap()
+        };
+        let logits = step.logits.unwrap().to_device(&candle_core::Device::Cpu).unwrap();
+        for (i, rows) in step.rows.iter().enumerate() {
+            together[i].extend(logits.narrow(0, rows.start, rows.len()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        for (c, p) in caches.iter_mut().zip(&prompts) {
+            c.advance(if round == 0 { p.len() } else { 1 });
+        }
+    }
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        if on_cpu(&model) {
+            assert_eq!(diff, 0.0, "prompt {i}: batched logits differ from solo ones");
+        } else {
+            assert!(diff < 1e-4, "prompt {i}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn mixed_lengths_chunked_prompts_joins_and_early_leavers_equal_solo() {
+    let model = load("tiny-gpt2");
+    let engine = EngineOptions { max_sequences: 3, max_step_tokens: 24, prefill_chunk: 8 };
+    for use_cache in [true, false] {
+        let lengths = [1, 5, 17, 33, 60, N_POSITIONS - 40];
+        let news = [40, 3, 20, 7, 40, 40];
+        let mut specs: Vec<Spec> = lengths
+            .iter()
+            .zip(news)
+            .enumerate()
+            .map(|(i, (&n, max_new))| Spec { prompt: prompt_of(n, i as u32), opts: greedy(max_new, use_cache), arrival: 2 * i, abort_after: None })
+            .collect();
+        // One leaves by a stop string: the text of its 4th to 6th token, alone.
+        let alone = solo(&model, &engine, &specs[0]).unwrap();
+        let stop = model.decode(&alone.tokens[3..6]).unwrap();
+        specs[0].opts.stop = vec![stop];
+        // One aborts after 4 tokens.
+        specs[2].abort_after = Some(4);
+        let (batched, stats) = run_scripted(&model, &engine, &specs);
+        for (i, (b, spec)) in batched.iter().zip(&specs).enumerate() {
+            same_result(b, &solo(&model, &engine, spec), &format!("request {i} use_cache={use_cache}"));
+        }
+        assert_eq!(batched[0].as_ref().unwrap().stop_reason, StopReason::StopString);
+        assert_eq!(batched[2].as_ref().unwrap().stop_reason, StopReason::Aborted);
+        assert_eq!(batched[2].as_ref().unwrap().tokens.len(), 4);
+        assert_eq!(batched[5].as_ref().unwrap().stop_reason, StopReason::MaxNewTokens);
+        // With the cache, three sequences (a token or a chunk of 8 each) fit in a 24-token step;
+        // without it each pass is a whole sequence, and only the oldest is sure to go.
+        let want = if use_cache { 3 } else { 2 };
+        assert_eq!(stats.max_batch, want, "use_cache={use_cache}: at most maxSequences ride together");
+        assert!(stats.max_queue_ms > 0.0, "some waited for a place");
+        assert_eq!(stats.completed, specs.len() as u64);
+    }
+}
+
+#[test]
+fn seeded_sampling_batched_equals_solo() {
+    let model = load("tiny-gpt2");
+    let engine = EngineOptions::defaults_for(model.gpt2().device());
+    let mut specs: Vec<Spec> = (0..5)
+        .map(|i| Spec { prompt: reference_prompt("tiny-gpt2", i).0, opts: sampled(100 + i as u64, 30), arrival: i, abort_after: None })
+        .collect();
+    specs[3].opts.sampling.repetition_penalty = 1.3;
+    specs[4].opts.sampling.top_k = 0;
+    let (batched, _) = run_scripted(&model, &engine, &specs);
+    for (i, (b, spec)) in batched.iter().zip(&specs).enumerate() {
+        same_result(b, &solo(&model, &engine, spec), &format!("request {i}"));
+    }
+    let greedy_ids = reference_prompt("tiny-gpt2", 0).1;
+    assert_ne!(batched[0].as_ref().unwrap().tokens, greedy_ids[..30], "temperature 0.8 is not greedy");
+}
+
+#[test]
+fn bad_input_fails_that_request_alone() {
+    let model = load("tiny-gpt2");
+    let engine = EngineOptions::defaults_for(model.gpt2().device());
+    let mut out_of_vocab = prompt_of(5, 9);
+    out_of_vocab[2] = 50_257;
+    let mut bad_options = greedy(10, true);
+    bad_options.sampling.temperature = -1.0;
+    let specs: Vec<Spec> = [
+        (prompt_of(7, 1), greedy(10, true)),
+        (prompt_of(N_POSITIONS + 1, 2), greedy(10, true)),
+        (out_of_vocab, greedy(10, true)),
+        (vec![], greedy(10, true)),
+        (prompt_of(9, 3), bad_options),
+        (prompt_of(12, 4), greedy(10, true)),
+    ]
+    .into_iter()
+    .map(|(prompt, opts)| Spec { prompt, opts, arrival: 0, abort_after: None })
+    .collect();
+    let (batched, _) = run_scripted(&model, &engine, &specs);
+    let codes: Vec<&str> = batched.iter().map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok")).collect();
+    assert_eq!(codes, ["ok", "KVGPT_INVALID_INPUT", "KVGPT_INVALID_INPUT", "ok", "KVGPT_OPTION_RANGE", "ok"]);
+    assert!(batched[1].as_ref().unwrap_err().to_string().contains("prompt is 129 tokens but the model's context is 128"));
+    assert_eq!(batched[3].as_ref().unwrap().prompt, [50256], "an empty prompt starts from BOS");
+    for i in [0, 3, 5] {
+        same_result(&batched[i], &solo(&model, &engine, &specs[i]), &format!("request {i}"));
+    }
+}
+
+/// Random arrivals, lengths, options, engine limits and aborts: every result equals its solo
+/// run. 40 cases from a fixed seed; a failure names the case.
+#[test]
+fn random_schedules_equal_solo_runs() {
+    let model = load("tiny-gpt2");
+    let mut rng = ChaCha8Rng::seed_from_u64(20261202);
+    for case in 0..40 {
+        let max_sequences = rng.random_range(1..=4);
+        let prefill_chunk = rng.random_range(1..=40);
+        let engine = EngineOptions { max_sequences, prefill_chunk, max_step_tokens: rng.random_range(prefill_chunk.max(max_sequences)..=64) };
+        let n = rng.random_range(1..=6);
+        let specs: Vec<Spec> = (0..n)
+            .map(|i| {
+                let max_new = rng.random_range(0..=24);
+                let len = rng.random_range(0..=N_POSITIONS - max_new);
+                let mut opts = if rng.random_bool(0.5) { greedy(max_new, true) } else { sampled(rng.random(), max_new) };
+                opts.use_cache = rng.random_bool(0.8);
+                if rng.random_bool(0.2) {
+                    opts.stop = vec![" ".into()];
+                }
+                Spec {
+                    prompt: prompt_of(len, case * 10 + i),
+                    opts,
+                    arrival: rng.random_range(0..12),
+                    abort_after: if rng.random_bool(0.2) { Some(rng.random_range(1..=8)) } else { None },
+                }
+            })
+            .collect();
+        let (batched, _) = run_scripted(&model, &engine, &specs);
+        for (i, (b, spec)) in batched.iter().zip(&specs).enumerate() {
+            same_result(b, &solo(&model, &engine, spec), &format!("case {case} request {i} {engine:?} {spec:?}"));
+        }
+    }
+}
+
+#[test]
+fn the_engine_thread_batches_concurrent_callers_and_sessions() {
+    let model = Arc::new(load("tiny-gpt2"));
+    let engine = kvgpt::Engine::start(model.clone(), EngineOptions::defaults_for(model.gpt2().device())).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..5 {
+        let tx = tx.clone();
+        engine
+            .submit(Job::Generate {
+                prompt: Prompt::Ids(reference_prompt("tiny-gpt2", i).0),
+                options: greedy(40, true),
+                abort: Arc::new(AtomicBool::new(false)),
+                on_token: None,
+                on_done: Box::new(move |r| tx.send((i, r.map(|g| g.tokens))).unwrap()),
+            })
+            .unwrap();
+    }
+    // A session fed through the engine alongside: its greedy next id equals the reference's.
+    let (prompt, expected) = reference_prompt("tiny-gpt2", 1);
+    let session = Arc::new(Mutex::new(Session::new(model.gpt2(), 64, true).unwrap()));
+    let (ftx, frx) = std::sync::mpsc::channel();
+    engine.submit(Job::Feed { session: session.clone(), ids: prompt, on_done: Box::new(move |r| ftx.send(r).unwrap()) }).unwrap();
+    // Dropping the engine refuses new jobs but finishes those in flight.
+    let stats_before_drop = engine.stats();
+    drop(engine);
+    drop(tx);
+    let mut got: Vec<_> = rx.iter().collect();
+    got.sort_by_key(|(i, _)| *i);
+    assert_eq!(got.len(), 5);
+    for (i, tokens) in got {
+        assert_eq!(tokens.unwrap(), reference_prompt("tiny-gpt2", i).1, "prompt {i}");
+    }
+    assert_eq!(frx.recv().unwrap().unwrap(), expected[0]);
+    assert!(stats_before_drop.waiting + stats_before_drop.active <= 6);
+}
+
+#[test]
+fn a_second_feed_on_a_busy_session_is_refused_and_a_full_one_fails_alone() {
+    let model = load("tiny-gpt2");
+    let a = Arc::new(Mutex::new(Session::new(model.gpt2(), 8, true).unwrap()));
+    let b = Arc::new(Mutex::new(Session::new(model.gpt2(), 8, true).unwrap()));
+    let results: Vec<RefCell<Option<Result<u32, String>>>> = (0..3).map(|_| RefCell::new(None)).collect();
+    {
+        let mut scheduler = Scheduler::new(&model, EngineOptions::defaults_for(model.gpt2().device())).unwrap();
+        for (slot, (session, ids)) in results.iter().zip([(&a, vec![1u32, 2, 3]), (&a, vec![4]), (&b, prompt_of(20, 1))]) {
+            let session = session.clone();
+            scheduler.submit(Request::Feed(FeedRequest { session, ids, on_done: Box::new(move |x| *slot.borrow_mut() = Some(x.map_err(|e| e.to_string()))) }));
+        }
+        scheduler.run_to_completion();
+    }
+    let r: Vec<Result<u32, String>> = results.into_iter().map(|r| r.into_inner().unwrap()).collect();
+    let mut alone = Session::new(model.gpt2(), 8, true).unwrap();
+    let want = kvgpt::engine::sampling::argmax(&alone.feed(model.gpt2(), &[1, 2, 3]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(r[0], Ok(want));
+    assert!(matches!(&r[1], Err(e) if e.contains("already running")), "{:?}", r[1]);
+    assert!(matches!(&r[2], Err(e) if e.contains("room for 8 more, 20 given")), "{:?}", r[2]);
+    assert_eq!(a.lock().unwrap().tokens(), [1, 2, 3]);
+    assert!(b.lock().unwrap().tokens().is_empty(), "a refused feed leaves its session as it was");
+}
+
+#[test]
+fn engine_limits_are_checked_and_defaults_bend_to_given_ones() {
+    let cpu = candle_core::Device::Cpu;
+    let d = EngineOptions::defaults_for(&cpu);
+    assert_eq!(EngineOptions::resolve(&cpu, None, None, None).unwrap(), d);
+    let big = EngineOptions::resolve(&cpu, Some(600), None, None).unwrap();
+    assert_eq!((big.max_sequences, big.max_step_tokens), (600, 600), "the step budget rises to fit");
+    let small = EngineOptions::resolve(&cpu, None, Some(16), None).unwrap();
+    assert_eq!((small.max_sequences, small.prefill_chunk), (16, 16), "sequences and chunk fall to fit");
+    for (s, t, c, name) in [(Some(0), None, None, "maxSequences"), (None, Some(70_000), None, "maxStepTokens"), (Some(8), Some(4), None, "maxStepTokens"), (None, Some(8), Some(9), "prefillChunk")] {
+        let e = EngineOptions::resolve(&cpu, s, t, c).unwrap_err();
+        assert_eq!(e.code(), "KVGPT_OPTION_RANGE");
+        assert!(e.to_string().starts_with(name), "{e}");
+    }
+}
