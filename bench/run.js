@@ -1,7 +1,7 @@
 // `npm run bench`: every benny suite in turn, in one process (the model loads once);
 // `npm run bench -- prefill vs-hf` runs those named. vs-hf (kvgpt against HF transformers)
 // needs Python with torch, so it runs only when named.
-const suites = ['decode-step', 'prefill', 'generate-100', 'tokenizer', 'vs-hf'];
+const suites = ['decode-step', 'prefill', 'generate-100', 'concurrency', 'tokenizer', 'vs-hf'];
 
 (async () => {
   const only = process.argv.slice(2);

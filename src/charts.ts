@@ -1,15 +1,16 @@
-// The benchmark's two charts (total time and time per token against length, cache on/off),
-// drawn by vega-lite as SVG and, on request, rasterized to PNG by resvg.
+// The benchmarks' charts (time against total length, cache on/off; tokens/s against
+// concurrency), drawn by vega-lite as SVG and, on request, rasterized to PNG by resvg.
 
 import { writeFileSync } from 'node:fs';
 
 export interface Point {
+  /** The x value: total length L, or concurrency. */
   length: number;
   series: string;
   value: number;
 }
 
-function spec(title: string, yTitle: string, points: Point[], logY: boolean) {
+function spec(title: string, xTitle: string, yTitle: string, points: Point[], logY: boolean) {
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title,
@@ -19,7 +20,7 @@ function spec(title: string, yTitle: string, points: Point[], logY: boolean) {
     data: { values: points },
     mark: { type: 'line', point: true },
     encoding: {
-      x: { field: 'length', type: 'quantitative', title: 'total length L (tokens)' },
+      x: { field: 'length', type: 'quantitative', title: xTitle },
       y: { field: 'value', type: 'quantitative', title: yTitle, scale: logY ? { type: 'log' } : {} },
       color: { field: 'series', type: 'nominal', title: null, legend: { orient: 'top-left', fillColor: 'white', labelLimit: 400 } },
     },
@@ -27,11 +28,11 @@ function spec(title: string, yTitle: string, points: Point[], logY: boolean) {
 }
 
 /** Renders one chart to `path`.svg (and `path`.png with `png`). */
-export async function writeChart(path: string, title: string, yTitle: string, points: Point[], png: boolean, logY = false): Promise<string[]> {
+export async function writeChart(path: string, title: string, yTitle: string, points: Point[], png: boolean, logY = false, xTitle = 'total length L (tokens)'): Promise<string[]> {
   // vega and vega-lite are ES modules; this file compiles to CommonJS, so import them dynamically.
   const vl = await import('vega-lite');
   const vega = await import('vega');
-  const compiled = vl.compile(spec(title, yTitle, points, logY) as never).spec;
+  const compiled = vl.compile(spec(title, xTitle, yTitle, points, logY) as never).spec;
   const view = new vega.View(vega.parse(compiled), { renderer: 'none' });
   const svg = await view.toSVG();
   view.finalize();

@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 // The kvgpt command line: `kvgpt generate` streams text to stdout (or prints one JSON object
-// with --json). Option ranges are checked by the library, which says what is allowed.
+// with --json), or runs a file of prompts as one batch; `kvgpt bench` measures. Option ranges
+// are checked by the library, which says what is allowed.
 
 import { Command, InvalidArgumentError } from 'commander';
-import { Gpt2, type Device, type DType } from './model';
+import { readFileSync } from 'node:fs';
+import { Gpt2, type Device, type DType, type LoadOptions } from './model';
 import type { GenerateOptions } from './generate';
 import { KvgptError } from './errors';
 import { availableParallelism } from 'node:os';
 import { formatTable, readResults, runBench, writeResults, type BenchOptions } from './bench';
+import { formatThroughput, runThroughput, writeThroughput } from './throughput';
 
 function num(name: string) {
   return (v: string): number => {
@@ -18,22 +21,49 @@ function num(name: string) {
 }
 const collect = (v: string, prev: string[]) => [...prev, v];
 
-/** The generate command's flags: the options that map one to one, plus the CLI's own. */
-type GenerateFlags = Omit<GenerateOptions, 'stop' | 'useCache' | 'signal'> & {
-  model: string;
-  device: Device;
-  dtype: DType;
-  stop: string[];
-  kvCache: boolean;
-  json?: boolean;
-};
+/** The engine's limits as flags (`--max-sequences` ...). */
+interface EngineFlags {
+  maxSequences?: number;
+  maxStepTokens?: number;
+  prefillChunk?: number;
+}
 
-async function generate(prompt: string, flags: GenerateFlags): Promise<void> {
-  const model = await Gpt2.load(flags.model, { device: flags.device, dtype: flags.dtype });
+/** The generate command's flags: the options that map one to one, plus the CLI's own. */
+type GenerateFlags = Omit<GenerateOptions, 'stop' | 'useCache' | 'signal'> &
+  EngineFlags & {
+    model: string;
+    device: Device;
+    dtype: DType;
+    stop: string[];
+    kvCache: boolean;
+    json?: boolean;
+    prompts?: string;
+  };
+
+/** The prompts of a --prompts file (`-`: standard input): one per line, blank lines skipped. */
+function readPrompts(path: string): string[] {
+  let text: string;
+  try {
+    text = readFileSync(path === '-' ? 0 : path, 'utf8');
+  } catch (e) {
+    throw new KvgptError('KVGPT_FILE_NOT_FOUND', `cannot read the prompts file ${path}: ${(e as Error).message}`);
+  }
+  return text.split('\n').map((l) => l.replace(/\r$/, '')).filter((l) => l.trim() !== '');
+}
+
+async function generate(prompt: string | undefined, flags: GenerateFlags): Promise<void> {
+  if ((prompt === undefined) === (flags.prompts === undefined)) {
+    throw Object.assign(new TypeError('give one PROMPT or --prompts FILE (one prompt per line)'), { code: 'KVGPT_OPTION_TYPE' });
+  }
+  const load: LoadOptions = { device: flags.device, dtype: flags.dtype, maxSequences: flags.maxSequences, maxStepTokens: flags.maxStepTokens, prefillChunk: flags.prefillChunk };
+  const prompts = flags.prompts === undefined ? undefined : readPrompts(flags.prompts);
+  const model = await Gpt2.load(flags.model, load);
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort()); // Ctrl-C ends the generation, keeps the output
-  const { model: _model, device: _device, dtype: _dtype, stop, kvCache, json: _json, ...sampling } = flags;
+  const { model: _m, device: _d, dtype: _t, stop, kvCache, json: _j, prompts: _p, maxSequences: _s, maxStepTokens: _k, prefillChunk: _c, ...sampling } = flags;
   const options: GenerateOptions = { ...sampling, stop: stop.length ? stop : undefined, useCache: kvCache, signal: controller.signal };
+  if (prompts) return generateMany(model, prompts, options, flags.json === true);
+  prompt = prompt as string;
   if (flags.json) {
     const r = await model.generate(prompt, options);
     process.stdout.write(JSON.stringify({ tokens: r.tokens, text: r.text, stopReason: r.stopReason, timings: r.timings }) + '\n');
@@ -50,15 +80,40 @@ async function generate(prompt: string, flags: GenerateFlags): Promise<void> {
   );
 }
 
-function list(v: string): number[] {
-  const xs = v.split(',').map((x) => Number(x.trim()));
-  if (!xs.length || xs.some((x) => !Number.isInteger(x))) throw new InvalidArgumentError(`--lengths must be integers separated by commas, got ${JSON.stringify(v)}`);
-  return xs;
+/** A file of prompts as one batch: each result in prompt order (JSON lines with --json). */
+async function generateMany(model: Gpt2, prompts: string[], options: GenerateOptions, json: boolean): Promise<void> {
+  const t0 = performance.now();
+  const results = await model.generateBatch(prompts, options);
+  const seconds = (performance.now() - t0) / 1000;
+  results.forEach((r, i) => {
+    if (json) {
+      process.stdout.write(JSON.stringify({ prompt: i, tokens: r.tokens, text: r.text, stopReason: r.stopReason, timings: r.timings }) + '\n');
+    } else {
+      process.stdout.write(`--- ${i} [${r.stopReason}] ${prompts[i]}\n${r.text}\n`);
+    }
+  });
+  const tokens = results.reduce((n, r) => n + r.tokens.length, 0);
+  const s = model.engineStats();
+  process.stderr.write(
+    `${prompts.length} prompts, ${tokens} new tokens in ${seconds.toFixed(2)} s: ${(tokens / seconds).toFixed(1)} tokens/s; ` +
+      `${s.steps} forward passes, ${s.meanBatchSize.toFixed(1)} sequences each on average (at most ${s.maxBatch})\n`,
+  );
 }
 
-interface BenchFlags extends Omit<BenchOptions, 'progress' | 'model'> {
+function list(name: string) {
+  return (v: string): number[] => {
+    const xs = v.split(',').map((x) => Number(x.trim()));
+    if (!xs.length || xs.some((x) => !Number.isInteger(x))) throw new InvalidArgumentError(`${name} must be integers separated by commas, got ${JSON.stringify(v)}`);
+    return xs;
+  };
+}
+
+interface BenchFlags extends Omit<BenchOptions, 'progress' | 'model' | 'promptTokens'>, EngineFlags {
   model?: string;
   progress: boolean;
+  promptTokens?: number;
+  concurrency?: number[];
+  newTokens: number;
 }
 
 async function bench(flags: BenchFlags): Promise<void> {
@@ -67,10 +122,20 @@ async function bench(flags: BenchFlags): Promise<void> {
   if (!['on', 'off', 'both'].includes(flags.cache)) throw new RangeError(`--cache must be on, off or both, got ${flags.cache}`);
   // candle's CPU kernels size their thread pool from this, read when the first model runs.
   process.env.RAYON_NUM_THREADS = String(flags.threads);
+  if (flags.concurrency) {
+    if (flags.concurrency.some((c) => c < 1)) throw new RangeError(`--concurrency must be integers >= 1, got ${flags.concurrency.join(',')}`);
+    if (!Number.isInteger(flags.newTokens) || flags.newTokens < 1) throw new RangeError(`--new-tokens must be an integer >= 1, got ${flags.newTokens}`);
+    const log = (l: string) => process.stderr.write(l + '\n');
+    const result = await runThroughput({ ...flags, concurrency: flags.concurrency, promptTokens: flags.promptTokens ?? 128 }, log);
+    process.stdout.write(formatThroughput(result) + '\n');
+    process.stderr.write(`wrote ${(await writeThroughput(result, flags.out, flags.png === true)).join(', ')}\n`);
+    return;
+  }
   const hf = flags.compare ? readResults(flags.compare) : undefined;
-  const result = await runBench({ ...flags, progress: flags.progress && process.stderr.isTTY === true }, (l) => process.stderr.write(l + '\n'));
+  const options: BenchOptions = { ...flags, promptTokens: flags.promptTokens ?? 5, progress: flags.progress && process.stderr.isTTY === true };
+  const result = await runBench(options, (l) => process.stderr.write(l + '\n'));
   process.stdout.write(formatTable(result, hf) + '\n');
-  const files = await writeResults(result, flags);
+  const files = await writeResults(result, options);
   process.stderr.write(`wrote ${files.join(', ')}\n`);
 }
 
@@ -78,8 +143,9 @@ export function main(argv: string[]): Promise<void> {
   const program = new Command('kvgpt').description('GPT-2 inference with an in-place KV cache').showHelpAfterError();
   program
     .command('generate')
-    .description('generate text from PROMPT, streamed to stdout')
-    .argument('<prompt>', 'the prompt text ("" starts from the BOS token)')
+    .description('generate text from PROMPT, streamed to stdout; or from every line of --prompts FILE, as one batch')
+    .argument('[prompt]', 'the prompt text ("" starts from the BOS token)')
+    .option('--prompts <file>', "a file with one prompt per line (blank lines skipped; '-' reads standard input), run as one batch")
     .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
     .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
     .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
@@ -92,20 +158,28 @@ export function main(argv: string[]): Promise<void> {
     .option('--stop <str>', 'stop before this string (repeatable)', collect, [])
     .option('--ignore-eos', 'keep generating past the EOS token')
     .option('--no-kv-cache', 'recompute the whole sequence each step')
-    .option('--json', 'print one JSON object {tokens, text, stopReason, timings}')
+    .option('--json', 'print one JSON object {tokens, text, stopReason, timings} (with --prompts: one line per prompt)')
+    .option('--max-sequences <n>', 'sequences the engine runs at once (default 32 on the CPU, 256 on CUDA)', num('--max-sequences'))
+    .option('--max-step-tokens <n>', 'tokens one forward pass carries (default 512 on the CPU, 8192 on CUDA)', num('--max-step-tokens'))
+    .option('--prefill-chunk <n>', 'prompt tokens one sequence reads per step (default 256 on the CPU, 512 on CUDA)', num('--prefill-chunk'))
     .action(generate);
   program
     .command('bench')
-    .description("the KV-cache experiment: greedy generation to total length L, cache on and off, beside the seed article's HF figures")
+    .description("the KV-cache experiment: greedy generation to total length L, cache on and off, beside the seed article's HF figures; with --concurrency, the batching engine's throughput")
     .option('-m, --model <dir|id>', 'model directory or hub id (default: GPT-2 small shapes with seeded random weights)')
-    .option('--lengths <list>', 'total lengths L, comma-separated', list, [10, 110, 310, 510, 710, 910])
+    .option('--lengths <list>', 'total lengths L, comma-separated', list('--lengths'), [10, 110, 310, 510, 710, 910])
+    .option('--concurrency <list>', 'throughput mode: concurrent generations, comma-separated (e.g. 1,4,16,64)', list('--concurrency'))
+    .option('--new-tokens <n>', 'throughput mode: new tokens per generation', num('--new-tokens'), 128)
     .option('--cache <mode>', 'on, off or both', 'both')
     .option('-r, --repetitions <n>', 'runs per row (the median is reported)', num('--repetitions'), 1)
     .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
     .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
     .option('--threads <n>', 'CPU threads for the tensor kernels', num('--threads'), availableParallelism())
     .option('--seed <s>', 'seed of the random weights', num('--seed'), 0)
-    .option('--prompt-tokens <n>', 'prompt length', num('--prompt-tokens'), 5)
+    .option('--prompt-tokens <n>', 'prompt length (default 5; 128 with --concurrency)', num('--prompt-tokens'))
+    .option('--max-sequences <n>', 'throughput mode: engine sequences (default: the largest concurrency)', num('--max-sequences'))
+    .option('--max-step-tokens <n>', 'throughput mode: tokens one forward pass carries', num('--max-step-tokens'))
+    .option('--prefill-chunk <n>', 'throughput mode: prompt tokens one sequence reads per step', num('--prefill-chunk'))
     .option('-o, --out <dir>', 'where to write kvgpt-bench.json and the charts', 'bench/results')
     .option('--png', 'also write the charts as PNG')
     .option('--compare <hf.json>', 'results of bench/hf/bench_hf.py to print kvgpt/HF ratios against')

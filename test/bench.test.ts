@@ -70,4 +70,26 @@ describe('kvgpt bench on the tiny fixture', () => {
     expect(bench('--model', TINY, '--cache', 'maybe').stderr).toMatch(/--cache must be on, off or both/);
     expect(bench('--model', TINY, '--dtype', 'f64').stderr).toMatch(/dtype must be 'f32'/);
   });
+
+  it('--concurrency measures the engine: tokens/s per level, percentiles, JSON and chart', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvgpt-tp-'));
+    const r = bench('--model', TINY, '--concurrency', '1,3', '--prompt-tokens', '8', '--new-tokens', '6', '--repetitions', '2', '--out', dir);
+    expect(r.code, r.stderr).toBe(0);
+    const result = JSON.parse(readFileSync(join(dir, 'kvgpt-throughput.json'), 'utf8'));
+    expect(result).toMatchObject({ tool: 'kvgpt', promptTokens: 8, newTokens: 6, engine: { maxSequences: 3 } });
+    expect(result.runs.map((x: { concurrency: number }) => x.concurrency)).toEqual([1, 3]);
+    for (const run of result.runs) {
+      expect(run.seconds).toHaveLength(2);
+      expect(run.tokensPerSecond).toBeCloseTo((run.concurrency * 6) / run.medianSeconds, 6);
+      expect(run.ttftMs.p50).toBeLessThanOrEqual(run.ttftMs.p99);
+      expect(run.tokenMs.p50).toBeGreaterThan(0);
+    }
+    expect(result.runs[0].ofOne).toBe(1);
+    // Three at once ride the same passes: as many passes as one generation (5 decode + 1 prefill), three sequences each.
+    expect(result.runs[1]).toMatchObject({ meanBatchSize: 3, steps: 6 });
+    expect(readFileSync(join(dir, 'throughput.svg'), 'utf8')).toContain('concurrent sequences');
+    expect(r.stdout).toMatch(/^\s*concurrency\s+tokens\/s\s+x c=1/);
+    expect(bench('--model', TINY, '--concurrency', '2', '--prompt-tokens', '100', '--new-tokens', '40').stderr).toMatch(/must fit in n_positions \(128\)/);
+    rmSync(dir, { recursive: true, force: true });
+  });
 });

@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { reference, TINY } from './helpers';
 
@@ -52,5 +54,25 @@ describe('kvgpt generate', () => {
     const missing = kvgpt('generate', '-m', join(TINY, '..', 'gpt2-tokenizer'), 'x');
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/config.json not found: .*gpt2-tokenizer.*KVGPT_FILE_NOT_FOUND/);
+  });
+
+  it('--prompts runs a file (or standard input) as one batch: JSON lines in prompt order', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvgpt-prompts-'));
+    const file = join(dir, 'prompts.txt');
+    const oneLine = ref.prompts.filter((p) => !p.prompt.includes('\n')); // a line is a prompt
+    writeFileSync(file, oneLine.map((p) => p.prompt).join('\n') + '\n\n');
+    const r = kvgpt('generate', '-m', TINY, '-n', '40', '--ignore-eos', '--json', '--prompts', file);
+    expect(r.code, r.stderr).toBe(0);
+    const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines.map((l) => l.prompt)).toEqual([0, 1, 2, 3]);
+    expect(lines.map((l) => l.tokens)).toEqual(oneLine.map((p) => p.greedy_new_ids));
+    expect(r.stderr).toMatch(/4 prompts, 160 new tokens in [\d.]+ s: [\d.]+ tokens\/s; \d+ forward passes, [\d.]+ sequences each on average \(at most 4\)/);
+    const piped = spawnSync(process.execPath, [CLI, 'generate', '-m', TINY, '-n', '3', '--ignore-eos', '--max-sequences', '2', '--prompts', '-'], { input: `${ref.prompts[0].prompt}\r\n${ref.prompts[1].prompt}\n`, encoding: 'utf8' });
+    expect(piped.status, piped.stderr).toBe(0);
+    expect(piped.stdout).toBe(ref.prompts.slice(0, 2).map((p, i) => `--- ${i} [max_new_tokens] ${p.prompt}\n${p.greedy_text.slice(p.prompt.length).split(' ').slice(0, 4).join(' ')}\n`).join(''));
+    expect(kvgpt('generate', '-m', TINY, '--prompts', join(dir, 'nope.txt'))).toMatchObject({ code: 1, stderr: expect.stringMatching(/cannot read the prompts file .*nope\.txt/) });
+    expect(kvgpt('generate', '-m', TINY, '--prompts', file, 'also a prompt').code).toBe(2);
+    expect(kvgpt('generate', '-m', TINY).stderr).toMatch(/give one PROMPT or --prompts FILE/);
+    rmSync(dir, { recursive: true, force: true });
   });
 });
