@@ -1,12 +1,12 @@
 // `npm run bench`: every benny suite in turn, in one process (the model loads once);
-// `npm run bench -- prefill vs-hf` runs those named. vs-hf (kvgpt against HF transformers)
-// needs Python with torch, so it runs only when named.
-const suites = ['decode-step', 'prefill', 'generate-100', 'concurrency', 'tokenizer', 'vs-hf'];
+// `npm run bench -- prefill vs-hf` runs those named. vs-hf and vs-hf-throughput (kvgpt against
+// HF transformers) need Python with torch, so they run only when named.
+const suites = ['decode-step', 'prefill', 'generate-100', 'concurrency', 'tokenizer', 'vs-hf', 'vs-hf-throughput'];
 
 (async () => {
   const only = process.argv.slice(2);
   for (const name of suites) {
-    if (only.length ? !only.includes(name) : name === 'vs-hf') continue;
+    if (only.length ? !only.includes(name) : name.startsWith('vs-hf')) continue;
     await require(`./${name}.bench.js`)();
   }
 })().catch((e) => {

@@ -111,4 +111,5 @@ async function main() {
   return suite('vs-hf', cases, report);
 }
 module.exports = main;
+module.exports.hfWorker = hfWorker;
 if (require.main === module) main();

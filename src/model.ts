@@ -67,8 +67,12 @@ export interface EngineStats {
   /** The most sequences one pass carried. */
   maxBatch: number;
   generatedTokens: number;
-  /** Milliseconds in forward passes. */
+  /** Milliseconds in forward passes (launching them and, on a GPU, waiting for them). */
   busyMs: number;
+  /** Of busyMs, waiting for the device to finish (0 on the CPU). */
+  syncMs: number;
+  /** Milliseconds after the passes: logits to ids (argmax or sampling), stop checks, events. */
+  sampleMs: number;
   /** Requests given a place, their mean and longest wait for it (ms). */
   admitted: number;
   meanQueueMs: number;

@@ -47,6 +47,8 @@ export interface ThroughputRun {
   tokenMs: Percentiles;
   meanBatchSize: number;
   steps: number;
+  /** Per forward pass, ms: launching it (all of it on the CPU), waiting for the device, and after it (argmax or sampling, stops, events). */
+  perPass: { launchMs: number; deviceMs: number; afterMs: number };
 }
 
 export interface ThroughputResult {
@@ -94,6 +96,7 @@ export async function runThroughput(o: ThroughputOptions, log: (line: string) =>
     let steps: number[] = [];
     let meanBatch = 0;
     let passes = 0;
+    let perPass = { launchMs: 0, deviceMs: 0, afterMs: 0 };
     for (let rep = 0; rep < o.repetitions; rep++) {
       const before = model.engineStats();
       const t0 = performance.now();
@@ -104,6 +107,12 @@ export async function runThroughput(o: ThroughputOptions, log: (line: string) =>
       steps = results.flatMap((r) => r.timings.stepMs);
       passes = after.steps - before.steps;
       meanBatch = passes > 0 ? (after.sequences - before.sequences) / passes : 0;
+      const per = (x: number) => (passes > 0 ? x / passes : 0);
+      perPass = {
+        launchMs: per(after.busyMs - before.busyMs - (after.syncMs - before.syncMs)),
+        deviceMs: per(after.syncMs - before.syncMs),
+        afterMs: per(after.sampleMs - before.sampleMs),
+      };
     }
     const med = median(seconds);
     const run: ThroughputRun = {
@@ -115,9 +124,13 @@ export async function runThroughput(o: ThroughputOptions, log: (line: string) =>
       tokenMs: percentiles(steps),
       meanBatchSize: meanBatch,
       steps: passes,
+      perPass,
     };
     runs.push(run);
-    log(`concurrency ${c}: ${run.tokensPerSecond.toFixed(1)} tokens/s (${med.toFixed(2)} s), TTFT p50 ${run.ttftMs.p50.toFixed(0)} ms, token p50 ${run.tokenMs.p50.toFixed(1)} ms, mean batch ${meanBatch.toFixed(1)}`);
+    log(
+      `concurrency ${c}: ${run.tokensPerSecond.toFixed(1)} tokens/s (${med.toFixed(2)} s), TTFT p50 ${run.ttftMs.p50.toFixed(0)} ms, token p50 ${run.tokenMs.p50.toFixed(1)} ms, ` +
+        `mean batch ${meanBatch.toFixed(1)}; a pass: launch ${perPass.launchMs.toFixed(2)} + device ${perPass.deviceMs.toFixed(2)} + after ${perPass.afterMs.toFixed(2)} ms`,
+    );
   }
   const one = runs.find((r) => r.concurrency === 1);
   if (one) for (const r of runs) r.ofOne = r.tokensPerSecond / one.tokensPerSecond;

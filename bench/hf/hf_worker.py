@@ -11,6 +11,9 @@ kvgpt's:
     prepare CTX           -> fills a DynamicCache with CTX tokens (outside any timed call)
     step CTX              -> one one-token forward over the prepared cache of CTX tokens + argmax,
                              then crops the cache back to CTX: every call is the same step
+    batch B P N           -> `generate` on a batch of B prompts of P random tokens (equal
+                             lengths: no padding), N new tokens, greedy, EOS ignored
+                             (min_new_tokens), the default (dynamic) cache: issue 11's workload
 
 Each answer carries "ms", the time inside Python, so the suite can report both.
 Run by the suite as: $KVGPT_HF_PYTHON bench/hf/hf_worker.py --threads 2
@@ -49,6 +52,10 @@ def main():
         for line in sys.stdin:
             cmd, *rest = line.split()
             n = int(rest[0]) if rest else 0
+            if cmd == "batch":
+                b, p_len, new = (int(x) for x in rest)
+                g = torch.Generator().manual_seed(b)
+                prompts = torch.randint(0, vocab, (b, p_len), generator=g)
             t = time.perf_counter()
             if cmd == "ping":
                 pass
@@ -58,6 +65,10 @@ def main():
                 cache = DynamicCache()
                 model(input_ids=ids(n), past_key_values=cache, use_cache=True, logits_to_keep=1)
                 caches[n] = cache
+            elif cmd == "batch":
+                out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=50256)
+                assert out.shape == (b, p_len + new)
             elif cmd == "step":
                 cache = caches[n]
                 out = model(input_ids=torch.tensor([[464]]), past_key_values=cache, use_cache=True)

@@ -134,8 +134,11 @@ pub struct NativeEngineStats {
     /// The most sequences one pass carried.
     pub max_batch: u32,
     pub generated_tokens: f64,
-    /// Milliseconds in forward passes.
+    /// Milliseconds in forward passes, of them waiting for the device, and after them (argmax or
+    /// sampling, stops, events).
     pub busy_ms: f64,
+    pub sync_ms: f64,
+    pub sample_ms: f64,
     /// Requests given a place, and their summed and longest wait for it (ms).
     pub admitted: f64,
     pub queue_ms: f64,
@@ -257,6 +260,8 @@ impl NativeModel {
             max_batch: s.max_batch as u32,
             generated_tokens: s.generated_tokens as f64,
             busy_ms: s.busy_ms,
+            sync_ms: s.sync_ms,
+            sample_ms: s.sample_ms,
             admitted: s.admitted as f64,
             queue_ms: s.queue_ms,
             max_queue_ms: s.max_queue_ms,

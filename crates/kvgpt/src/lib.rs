@@ -4,11 +4,14 @@
 //! `Engine` batches many concurrent sequences into one forward pass a step.
 //!
 //! Layout: `model/` (config, weights, GPT-2, KV cache, `Model`), `engine/` (scheduler, engine
-//! thread, sessions, generation, sampling, stop strings), `cpu/` (kernels).
+//! thread, sessions, generation, sampling, stop strings), `cpu/` (kernels), `cuda/` (kernels,
+//! with the `cuda` feature).
 
 pub use candle_core;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod hub;

@@ -99,8 +99,12 @@ pub struct EngineStats {
     pub max_batch: usize,
     /// Tokens generated (sampled) by all requests.
     pub generated_tokens: u64,
-    /// Milliseconds spent in forward passes.
+    /// Milliseconds spent in forward passes (launching them and waiting for the device).
     pub busy_ms: f64,
+    /// Of those, waiting for the device to finish (0 on the CPU, where a pass runs as it is called).
+    pub sync_ms: f64,
+    /// Milliseconds after the passes: logits to ids (argmax or sampling), stop checks, events.
+    pub sample_ms: f64,
     /// Requests admitted (given a place), and their summed and longest wait for it.
     pub admitted: u64,
     pub queue_ms: f64,
@@ -321,13 +325,16 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         if ran {
             let start = Instant::now();
             match self.run(&runs) {
-                Ok((step, host, rows)) => {
+                Ok((step, host, rows, sync_ms)) => {
                     self.record(&runs, rows, ms(start));
+                    self.stats.sync_ms += sync_ms;
+                    let t0 = Instant::now();
                     if let Err(e) = self.sample(&runs, &step, host) {
                         for r in &runs {
                             self.fail(r.idx, e.duplicate());
                         }
                     }
+                    self.stats.sample_ms += ms(t0);
                 }
                 Err(e) => {
                     for r in &runs {
@@ -533,8 +540,8 @@ impl<'m, 'c> Scheduler<'m, 'c> {
 
     /// The forward pass of a step: each run's session borrowed (feeds' locked), its ids run,
     /// and on success committed. Returns the logits and, when a row is sampled or the device
-    /// is the CPU, the logits copied to the host.
-    fn run(&mut self, runs: &[Run]) -> Result<(StepLogits, Option<Vec<f32>>, usize)> {
+    /// is the CPU, the logits copied to the host; the rows run; the wait for the device.
+    fn run(&mut self, runs: &[Run]) -> Result<(StepLogits, Option<Vec<f32>>, usize, f64)> {
         let gpt2 = self.model.gpt2();
         let mut slots: Vec<Option<&mut Active<'m, 'c>>> = self.active.iter_mut().map(Some).collect();
         let mut parts: Vec<(SessionAccess<'_>, Pass, Vec<u32>, Logits)> = Vec::with_capacity(runs.len());
@@ -552,7 +559,9 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             gpt2.forward_batch(&segs)?
         };
         // A GPU runs the pass asynchronously: time its end, not its launch.
+        let t0 = Instant::now();
         gpt2.device().synchronize()?;
+        let sync_ms = ms(t0);
         for (session, _, new, _) in parts.iter_mut() {
             session.commit(new);
         }
@@ -564,7 +573,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             (Some(l), true) => Some(l.flatten_all()?.to_vec1::<f32>()?),
             _ => None,
         };
-        Ok((step, host, rows))
+        Ok((step, host, rows, sync_ms))
     }
 
     /// Whether the sequence draws from its logits (not a plain argmax).

@@ -1,15 +1,16 @@
 //! GPT-2's causal self-attention for a step of many sequences: one c_attn product over every
 //! row of the step, each sequence's new K/V written into its own cache, each sequence's
-//! queries attending to its cache only, one c_proj product. On the CPU the attention is one
-//! fused kernel over all sequences (`cpu::attention`); elsewhere, for now, candle's ops per
-//! sequence.
+//! queries attending to its cache only, one c_proj product. The attention is one fused kernel
+//! over all sequences on the CPU (`cpu::attention`) and two launches a layer on CUDA
+//! (`cuda::attend`), whatever the number of sequences; other devices take candle's ops, one
+//! sequence at a time.
 
 use crate::cpu::matvec::RowPlan;
 use crate::cpu::ops::is_cpu_f32;
 use crate::error::Result;
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// One sequence's rows in a step: `t` queries, rows `row0..row0 + t` of the step, at positions
 /// `pos..pos + t` of `cache` (which holds the `pos` before them). A step's sequences cover its
@@ -28,18 +29,46 @@ pub struct Attention {
     pub(crate) scale: f64,
 }
 
+/// What a step's attention needs besides the rows, made once per forward pass.
+pub enum StepAttention {
+    /// The CPU's fused kernel.
+    Cpu,
+    /// kvgpt's CUDA kernels and the step's layout on the device.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::StepMeta),
+    /// Candle's ops, with each sequence's causal mask (None where t = 1).
+    Ops(Vec<Option<Tensor>>),
+}
+
+impl StepAttention {
+    pub fn new(seqs: &[SeqRows<'_>], n_layer: usize, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() && dtype == DType::F32 {
+            return Ok(Self::Cpu);
+        }
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            return Ok(Self::Cuda(crate::cuda::StepMeta::new(seqs, n_layer, dev)?));
+        }
+        let _ = n_layer;
+        Ok(Self::Ops(causal_masks(seqs, device, dtype)?))
+    }
+}
+
 impl Attention {
-    /// x (N, C), the step's rows after ln_1 -> (N, C). `masks`: per sequence, its causal mask
-    /// off the CPU (see `causal_masks`).
-    pub fn forward(&self, x: &Tensor, plan: &RowPlan, seqs: &[SeqRows<'_>], layer: usize, masks: &[Option<Tensor>]) -> Result<Tensor> {
+    /// x (N, C), the step's rows after ln_1 -> (N, C).
+    pub fn forward(&self, x: &Tensor, plan: &RowPlan, seqs: &[SeqRows<'_>], layer: usize, step: &StepAttention) -> Result<Tensor> {
         let qkv = self.c_attn.forward(x, plan)?; // (N, 3C)
-        let y = if is_cpu_f32(&qkv) {
-            for s in seqs {
-                s.cache.write_rows(layer, &qkv, s.row0, s.t)?;
+        let y = match step {
+            StepAttention::Cpu if is_cpu_f32(&qkv) => {
+                for s in seqs {
+                    s.cache.write_rows(layer, &qkv, s.row0, s.t)?;
+                }
+                crate::cpu::attention::attend_batch(&qkv, seqs, layer, self.n_head, self.scale as f32)?
             }
-            crate::cpu::attention::attend_batch(&qkv, seqs, layer, self.n_head, self.scale as f32)?
-        } else {
-            self.attend_each(&qkv, seqs, layer, masks)?
+            #[cfg(feature = "cuda")]
+            StepAttention::Cuda(meta) => crate::cuda::attend(&qkv, meta, layer, self.n_head, self.scale as f32)?,
+            StepAttention::Ops(masks) => self.attend_each(&qkv, seqs, layer, masks)?,
+            StepAttention::Cpu => return Err(crate::error::Error::internal("the CPU attention kernel takes f32 on the CPU")),
         };
         self.c_proj.forward(&y, plan) // (N, C)
     }
@@ -65,13 +94,13 @@ impl Attention {
     }
 }
 
-/// Each sequence's additive causal mask for `attend_each` (None where t = 1 or on the CPU,
-/// which needs none), made once per forward pass rather than once per layer (at T = 910
-/// without a cache that was 12 host-built 3.3 MB uploads a step).
-pub fn causal_masks(seqs: &[SeqRows<'_>], device: &Device, dtype: candle_core::DType) -> Result<Vec<Option<Tensor>>> {
+/// Each sequence's additive causal mask for `attend_each` (None where t = 1), made once per
+/// forward pass rather than once per layer (at T = 910 without a cache that was 12 host-built
+/// 3.3 MB uploads a step).
+fn causal_masks(seqs: &[SeqRows<'_>], device: &Device, dtype: DType) -> Result<Vec<Option<Tensor>>> {
     seqs.iter()
         .map(|s| {
-            if s.t > 1 && !(device.is_cpu() && dtype == candle_core::DType::F32) {
+            if s.t > 1 {
                 Ok(Some(causal_mask(s.t, s.pos, device)?.to_dtype(dtype)?))
             } else {
                 Ok(None)

@@ -7,7 +7,7 @@
 use crate::cpu::matvec::{RowPlan, MAX_ROWS};
 use crate::cpu::ops;
 use crate::error::{Error, Result};
-use crate::model::attention::{causal_masks, Attention, SeqRows};
+use crate::model::attention::{Attention, SeqRows, StepAttention};
 use crate::model::config::{Activation, Gpt2Config};
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
@@ -248,10 +248,10 @@ impl Gpt2 {
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?; // (N, C)
-        let masks = causal_masks(&rows, &self.device, x.dtype())?;
+        let step = StepAttention::new(&rows, self.blocks.len(), &self.device, x.dtype())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.ln_1.forward(&x)?;
-            let h = block.attn.forward(&h, &plan, &rows, i, &masks)?;
+            let h = block.attn.forward(&h, &plan, &rows, i, &step)?;
             x = (x + h)?;
             let h = block.ln_2.forward(&x)?;
             let h = block.mlp_proj.forward(&self.activation(&block.c_fc.forward(&h, &plan)?)?, &plan)?;

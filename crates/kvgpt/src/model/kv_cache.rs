@@ -1,5 +1,6 @@
 //! One sequence's KV cache: per layer one K and one V buffer of shape (1, n_head, capacity,
-//! head_dim), HF's layout, allocated once when the sequence starts. Each forward pass writes
+//! head_dim), HF's layout, all of them views of one allocation made (and, for a cache that
+//! lives on, filled) once when the sequence starts. Each forward pass writes
 //! the new entries in place at `len` (as ggml writes a view at n_past and HF's StaticCache does
 //! index_copy_) and attends over the first `len + T` positions. Nothing is concatenated or
 //! reallocated while generating; a batch of sequences is many caches, one per sequence.
@@ -11,6 +12,9 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// On CUDA, each layer's K and V buffer addresses, for kvgpt's kernels (found once here).
+    #[cfg(feature = "cuda")]
+    addresses: Vec<u64>,
     len: usize,
     capacity: usize,
     n_head: usize,
@@ -41,16 +45,34 @@ impl KvCache {
                 format!("must be in 1..={} (n_positions), got {capacity}", cfg.n_positions),
             ));
         }
-        let shape = (1, cfg.n_head, capacity, cfg.head_dim()); // (1, nh, cap, hs)
-        let buffer = || if fill { Tensor::ones(shape, dtype, device) } else { Tensor::zeros(shape, dtype, device) };
+        // One allocation (and one fill: a single launch on a GPU) for every layer's K and V:
+        // (2 n_layer, nh, cap, hs), K of layer i at 2i, V at 2i + 1.
+        let shape = (2 * cfg.n_layer, cfg.n_head, capacity, cfg.head_dim());
+        let all = if fill { Tensor::ones(shape, dtype, device)? } else { Tensor::zeros(shape, dtype, device)? };
         let mut k = Vec::with_capacity(cfg.n_layer);
         let mut v = Vec::with_capacity(cfg.n_layer);
-        for _ in 0..cfg.n_layer {
-            k.push(buffer()?);
-            v.push(buffer()?);
+        for i in 0..cfg.n_layer {
+            k.push(all.narrow(0, 2 * i, 1)?); // (1, nh, cap, hs)
+            v.push(all.narrow(0, 2 * i + 1, 1)?);
         }
         let bytes = cfg.kv_cache_bytes(capacity, 1, dtype.size_in_bytes());
-        Ok(Self { k, v, len: 0, capacity, n_head: cfg.n_head, head_dim: cfg.head_dim(), bytes })
+        #[cfg(feature = "cuda")]
+        let addresses = if device.is_cuda() {
+            k.iter().zip(&v).flat_map(|(k, v)| [crate::cuda::address(k), crate::cuda::address(v)]).collect::<Result<Vec<u64>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            k,
+            v,
+            #[cfg(feature = "cuda")]
+            addresses,
+            len: 0,
+            capacity,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            bytes,
+        })
     }
 
     /// Positions already filled (the `n_past` of the next step).
@@ -80,6 +102,12 @@ impl KvCache {
             )));
         }
         Ok(())
+    }
+
+    /// On CUDA: K and V buffer addresses, layer after layer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn addresses(&self) -> &[u64] {
+        &self.addresses
     }
 
     /// The K and V buffers of `layer`, (1, nh, capacity, hs).

@@ -36,14 +36,25 @@ impl DeviceKind {
     }
 
     fn open(self) -> Result<Device> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-            Self::Cuda if !candle_core::utils::cuda_is_available() => Err(Error::Device(
-                "this build of kvgpt has no CUDA support; use device 'cpu' or 'auto', or install the CUDA build".into(),
-            )),
-            Self::Cuda => Device::new_cuda(0).map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}"))),
+        let device = match self {
+            Self::Cpu => return Ok(Device::Cpu),
+            Self::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+            Self::Cuda if !candle_core::utils::cuda_is_available() => {
+                return Err(Error::Device(
+                    "this build of kvgpt has no CUDA support; use device 'cpu' or 'auto', or install the CUDA build".into(),
+                ))
+            }
+            Self::Cuda => Device::new_cuda(0).map_err(|e| Error::Device(format!("cannot open CUDA device 0: {e}")))?,
+        };
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &device {
+            // A model runs all its work on its device's one stream (the engine thread launches
+            // every step; loading happens before), so cudarc's cross-stream events (created with
+            // every allocation and recorded at every kernel argument) only cost host time.
+            // SAFETY: no tensor of this device is used on another stream.
+            unsafe { d.disable_event_tracking() };
         }
+        Ok(device)
     }
 }
 
