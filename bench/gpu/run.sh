@@ -1,26 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a machine with an NVIDIA GPU, no Rust and no Node: everything it
-# runs was built elsewhere and travels in $PAYLOAD (default .gpu), made by bench/gpu/stage.sh:
-#   node.xz                            a Node binary
-#   kvgpt.linux-x64-gnu.cuda.node.xz   the CUDA build of the addon (scripts/build-cuda.sh)
-#   kvgpt.linux-x64-gnu.node.xz        the CPU build (loaded first, as in a real install)
-#   repo/                              dist/, index.js, bench/gpu/*, package.json
-#   tests/parity.xz                   the Rust parity test binary built with --features cuda
-# Results go to $OUT (or ./gpu-out): kvgpt-gpu.json, hf-gpu.json, logs.
+# runs was built elsewhere and travels in $PAYLOAD (default .gpu), made by bench/gpu/stage.sh
+# (setup.sh lists it). Results go to $OUT (or ./gpu-out): kvgpt-gpu.json, hf-gpu.json, logs.
 set -uo pipefail
-PAYLOAD="$(cd "${PAYLOAD:-.gpu}" && pwd)"
-FIXTURES="$(pwd)/test/fixtures"
-OUT="${OUT:-$(pwd)/gpu-out}"
-mkdir -p "$OUT"
-exec > >(tee "$OUT/run.log") 2>&1
-
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-# CUDA 13 libraries: the toolkit's and the ones torch ships (pip's nvidia/cu13/lib).
-CU13=$(python3 -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'lib'))" 2>/dev/null)
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${CU13}:${LD_LIBRARY_PATH:-}"
-xz -dc "$PAYLOAD/node.xz" > /tmp/node && chmod +x /tmp/node
-for f in "$PAYLOAD"/*.node.xz "$PAYLOAD"/tests/*.xz; do xz -dk "$f"; chmod +x "${f%.xz}"; done
-/tmp/node --version
+. "$(dirname "$0")/setup.sh" run.log
 
 echo "== 1. Rust parity suite on CUDA (f32 logits within 1e-3; f16/bf16/q8_0 greedy ids)"
 for t in parity; do
@@ -30,8 +13,6 @@ done
 
 echo "== 2. kvgpt through Node: device selection, parity by argmax, decode latency"
 cd "$PAYLOAD/repo"
-export KVGPT_CUDA_BINARY="$PAYLOAD/kvgpt.linux-x64-gnu.cuda.node"
-export NAPI_RS_NATIVE_LIBRARY_PATH="$PAYLOAD/kvgpt.linux-x64-gnu.node"
 /tmp/node -e "
 const { Gpt2 } = require('./dist');
 (async () => {

@@ -23,7 +23,9 @@ pub const MAX_ROWS: usize = 32;
 /// at most `MAX_ROWS`) through matvec together, then each of `big` (the row counts of long
 /// chunks, in order) through gemm on its own. A row's result then depends on its own sequence
 /// only: matvec's kernels sum every (W row, x row) pair in one order whatever the other rows,
-/// and a long chunk's gemm sees that chunk alone.
+/// and a long chunk's gemm sees that chunk alone (gemm's blocking can depend on the number of
+/// rows: for W of 50 x 768, a chunk's rows come out otherwise in one call of 73 rows than in
+/// its own call of 40, so chunks are not merged).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowPlan {
     pub small: usize,
@@ -147,26 +149,31 @@ pub(crate) fn matvec_rows<R: Rows>(x: &[f32], w: &R, bias: Option<&[f32]>) -> ca
             }
             return;
         };
-        // f32 rows, borrowed as they are: four x rows (in L1) at a time against the task's W
-        // rows (in L2 after the first group), pairs of W rows per call.
+        // f32 rows, borrowed as they are: four rows of W at a time against four x rows at a
+        // time (a 4x4 tile), then the x rows left over one by one, W read in order.
         let row = |r: usize| &plain[r * k..(r + 1) * k];
-        let pairs = task_rows / 2;
-        for i in (0..groups).step_by(4) {
-            let xs = [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]];
-            for p in 0..pairs {
-                let (r0, r1) = (first + 2 * p, first + 2 * p + 1);
-                let d = (kernels.dot2x4)([row(r0), row(r1)], xs);
-                for j in 0..4 {
-                    out[2 * p * m + i + j] = d[0][j] + b(r0);
-                    out[(2 * p + 1) * m + i + j] = d[1][j] + b(r1);
+        let quads = task_rows / 4;
+        for qd in 0..quads {
+            let r = first + 4 * qd;
+            let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+            for i in (0..groups).step_by(4) {
+                let d = (kernels.dot4x4)(ws, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
+                for (a, d) in d.iter().enumerate() {
+                    for j in 0..4 {
+                        out[(4 * qd + a) * m + i + j] = d[j] + b(r + a);
+                    }
+                }
+            }
+            for (a, w) in ws.iter().enumerate() {
+                for i in groups..m {
+                    out[(4 * qd + a) * m + i] = (kernels.dot1x1)(w, rows[i]) + b(r + a);
                 }
             }
         }
-        // One row at a time through W: the leftover x rows, and every x row for W's odd row.
-        for r in 0..task_rows {
-            let from = if r < 2 * pairs { groups } else { 0 };
+        // W's rows past the last four, with every x row.
+        for r in 4 * quads..task_rows {
             let wr = row(first + r);
-            for i in from..m {
+            for i in 0..m {
                 out[r * m + i] = (kernels.dot1x1)(wr, rows[i]) + b(first + r);
             }
         }
@@ -310,22 +317,38 @@ pub fn matvec_cpu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, plan: Option<&RowP
 }
 
 struct Kernels {
+    dot4x4: fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4],
     dot2x4: fn([&[f32]; 2], [&[f32]; 4]) -> [[f32; 4]; 2],
     dot1x1: fn(&[f32], &[f32]) -> f32,
 }
 
 /// The dot-product kernels. Each one sums every (W row, x row) pair in the same order (one
-/// 8-lane accumulator over 8-float chunks, its lanes added in order, then the scalar tail), so a
-/// row's result is the same whichever kernel its place in the step gives it.
+/// accumulator of 16 lanes with AVX-512, 8 with AVX2, over chunks of that many floats, its
+/// lanes added in order, then the scalar tail), so a row's result is the same whichever kernel
+/// its place in the step gives it.
 fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        return Kernels {
-            dot2x4: |w, xs| unsafe { dot2x4_avx2(w, xs) },
-            dot1x1: |w, x| unsafe { dot1x1_avx2(w, x) },
-        };
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return Kernels {
+                dot4x4: |w, xs| unsafe { dot4x4_avx512(w, xs) },
+                dot2x4: |w, xs| unsafe { dot2x4_avx512(w, xs) },
+                dot1x1: |w, x| unsafe { dot1x1_avx512(w, x) },
+            };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Kernels {
+                dot4x4: |w, xs| {
+                    let (a, b) = unsafe { (dot2x4_avx2([w[0], w[1]], xs), dot2x4_avx2([w[2], w[3]], xs)) };
+                    [a[0], a[1], b[0], b[1]]
+                },
+                dot2x4: |w, xs| unsafe { dot2x4_avx2(w, xs) },
+                dot1x1: |w, x| unsafe { dot1x1_avx2(w, x) },
+            };
+        }
     }
     Kernels {
+        dot4x4: |w, xs| w.map(|w| xs.map(|x| dot_portable(w, x))),
         dot2x4: |w, xs| w.map(|w| xs.map(|x| dot_portable(w, x))),
         dot1x1: dot_portable,
     }
@@ -345,72 +368,111 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The end of every AVX2 pair sum: the accumulator's lanes in order, plus the products past the
-/// last whole chunk (from `i` on).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn finish(acc: std::arch::x86_64::__m256, w: &[f32], x: &[f32], i: usize) -> f32 {
-    let mut lanes = [0f32; 8];
-    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    lanes.iter().sum::<f32>() + (i..w.len()).map(|t| w[t] * x[t]).sum::<f32>()
+/// The pair kernels of one vector width ($lanes floats in a $v register), one body for AVX2
+/// and AVX-512: `$finish` ends every pair sum alike (the accumulator's lanes added in order,
+/// then the products past the last whole chunk), `$dot2x4` takes two rows of W by four x rows
+/// (per chunk, 6 loads feed 8 FMAs), `$dot1x1` one row by one x row: a one-sequence decode step
+/// reads W there, row after row (one sequential stream: interleaving rows measured 15-30 %
+/// slower), four chunks an iteration into the one accumulator, with the line four rows ahead
+/// prefetched, since the core's own prefetch leaves a one-row product short of the bandwidth
+/// (about 10 % for the lm_head, bench/NOTES.md item 9).
+macro_rules! pair_kernels {
+    ($feature:literal, $lanes:literal, $v:ty, $zero:ident, $load:ident, $fma:ident, $store:ident, $finish:ident, $dot2x4:ident, $dot1x1:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn $finish(acc: $v, w: &[f32], x: &[f32], i: usize) -> f32 {
+            let mut lanes = [0f32; $lanes];
+            std::arch::x86_64::$store(lanes.as_mut_ptr(), acc);
+            lanes.iter().sum::<f32>() + (i..w.len()).map(|t| w[t] * x[t]).sum::<f32>()
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $dot2x4(w: [&[f32]; 2], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+            use std::arch::x86_64::*;
+            let n = w[0].len();
+            assert!(w[1].len() == n && xs.iter().all(|x| x.len() >= n));
+            let mut acc = [[$zero(); 4]; 2];
+            let mut i = 0;
+            while i + $lanes <= n {
+                let w0 = $load(w[0].as_ptr().add(i));
+                let w1 = $load(w[1].as_ptr().add(i));
+                for (j, x) in xs.iter().enumerate() {
+                    let xv = $load(x.as_ptr().add(i));
+                    acc[0][j] = $fma(w0, xv, acc[0][j]);
+                    acc[1][j] = $fma(w1, xv, acc[1][j]);
+                }
+                i += $lanes;
+            }
+            let mut out = [[0f32; 4]; 2];
+            for r in 0..2 {
+                for j in 0..4 {
+                    out[r][j] = $finish(acc[r][j], w[r], xs[j], i);
+                }
+            }
+            out
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $dot1x1(w: &[f32], x: &[f32]) -> f32 {
+            use std::arch::x86_64::*;
+            let n = w.len();
+            assert!(x.len() >= n);
+            let (pw, px) = (w.as_ptr(), x.as_ptr());
+            let mut acc = $zero();
+            let mut i = 0;
+            while i + 4 * $lanes <= n {
+                for j in 0..4 {
+                    if ($lanes * j) % 16 == 0 {
+                        // One line (16 floats) at a time; rows are n floats apart in W, and
+                        // the address is never read past W's end.
+                        _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(i + 4 * n + $lanes * j) as *const i8);
+                    }
+                    acc = $fma($load(pw.add(i + $lanes * j)), $load(px.add(i + $lanes * j)), acc);
+                }
+                i += 4 * $lanes;
+            }
+            while i + $lanes <= n {
+                acc = $fma($load(pw.add(i)), $load(px.add(i)), acc);
+                i += $lanes;
+            }
+            $finish(acc, w, x, i)
+        }
+    };
 }
 
-/// Eight dot products, two rows of W by four x rows: per 8 floats, 6 loads feed 8 FMAs.
+pair_kernels!("avx2,fma", 8, std::arch::x86_64::__m256, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps, finish256, dot2x4_avx2, dot1x1_avx2);
+pair_kernels!("avx512f", 16, std::arch::x86_64::__m512, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps, finish512, dot2x4_avx512, dot1x1_avx512);
+
+/// Sixteen dot products, four rows of W by four x rows (16 accumulators of AVX-512's 32
+/// registers): per 16 floats, 8 loads feed 16 FMAs. About 15 % faster than two 2x4 AVX2 calls
+/// for 16 rows on this machine's Zen 4 (bench/NOTES.md item 16).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot2x4_avx2(w: [&[f32]; 2], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4x4_avx512(w: [&[f32]; 4], xs: [&[f32]; 4]) -> [[f32; 4]; 4] {
     use std::arch::x86_64::*;
     let n = w[0].len();
-    assert!(w[1].len() == n && xs.iter().all(|x| x.len() >= n));
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    assert!(w.iter().all(|w| w.len() == n) && xs.iter().all(|x| x.len() >= n));
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
     let mut i = 0;
-    while i + 8 <= n {
-        let w0 = _mm256_loadu_ps(w[0].as_ptr().add(i));
-        let w1 = _mm256_loadu_ps(w[1].as_ptr().add(i));
+    while i + 16 <= n {
+        let wv = [0, 1, 2, 3].map(|r| _mm512_loadu_ps(w[r].as_ptr().add(i)));
         for (j, x) in xs.iter().enumerate() {
-            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-            acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
-            acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+            let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+            for r in 0..4 {
+                acc[r][j] = _mm512_fmadd_ps(wv[r], xv, acc[r][j]);
+            }
         }
-        i += 8;
+        i += 16;
     }
-    let mut out = [[0f32; 4]; 2];
-    for r in 0..2 {
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
         for j in 0..4 {
-            out[r][j] = finish(acc[r][j], w[r], xs[j], i);
+            out[r][j] = finish512(acc[r][j], w[r], xs[j], i);
         }
     }
     out
-}
-
-/// One row of W by one x row: a one-sequence decode step reads W here, row after row (one
-/// sequential stream: interleaving rows measured 15-30 % slower), four chunks per iteration
-/// into the one accumulator, and the line four rows ahead prefetched, since the core's own
-/// prefetch leaves a one-row product short of the bandwidth (about 10 % for the lm_head,
-/// bench/NOTES.md item 9).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot1x1_avx2(w: &[f32], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = w.len();
-    assert!(x.len() >= n);
-    let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        // Rows are n floats apart in W; the address is never read past W's end.
-        _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(i + 4 * n) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(i + 4 * n + 16) as *const i8);
-        for j in 0..4 {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i + 8 * j)), _mm256_loadu_ps(px.add(i + 8 * j)), acc);
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc);
-        i += 8;
-    }
-    finish(acc, w, x, i)
 }
 
 #[cfg(test)]
@@ -439,7 +501,8 @@ mod tests {
     }
 
     /// Batch invariance: a row's result is bit for bit the same alone, at any place among up to
-    /// 45 small rows (each kernel: 2x4 and 1x1, W's odd row), and in a long chunk next to others.
+    /// 45 small rows (each kernel: 4x4 tiles, 1x1 for x rows past the last four and W rows past
+    /// the last four), and in a long chunk next to others.
     #[test]
     fn rows_do_not_depend_on_the_rest_of_the_step() {
         let d = Device::Cpu;

@@ -44,52 +44,38 @@ __device__ void kv_write(const T *qkv, uint32_t n, uint32_t c, uint32_t hs, cons
 }
 
 // Dot product of a query (f32, pre-scaled, in shared memory) with one cache row.
-template <typename T> __device__ __forceinline__ float row_dot(const float *q, const T *k, uint32_t hs) {
+template <typename T> __device__ __forceinline__ float row_dot_scalar(const float *q, const T *k, uint32_t hs) {
   float dot = 0.f;
   for (uint32_t d = 0; d < hs; d++) dot += q[d] * to_f(k[d]);
   return dot;
 }
 
-// With 8-element 16-byte loads where the rows allow it (2-byte types, head_dim a multiple of 8:
+// Two 16-bit values as a float2.
+__device__ __forceinline__ float2 pair_to_f2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 pair_to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+
+// 16-bit rows with 8-element 16-byte loads where the rows allow it (head_dim a multiple of 8:
 // every row then starts 16-byte aligned).
-template <> __device__ __forceinline__ float row_dot<__half>(const float *q, const __half *k, uint32_t hs) {
-  if (hs % 8 != 0) {
-    float dot = 0.f;
-    for (uint32_t d = 0; d < hs; d++) dot += q[d] * __half2float(k[d]);
-    return dot;
-  }
+template <typename T, typename T2> __device__ __forceinline__ float row_dot_pairs(const float *q, const T *k, uint32_t hs) {
+  if (hs % 8 != 0) return row_dot_scalar(q, k, hs);
   float dot = 0.f;
   const uint4 *k4 = reinterpret_cast<const uint4 *>(k);
   for (uint32_t v = 0; v < hs / 8; v++) {
     const uint4 raw = k4[v];
-    const __half2 *h2 = reinterpret_cast<const __half2 *>(&raw);
+    const T2 *pairs = reinterpret_cast<const T2 *>(&raw);
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      const float2 f = __half22float2(h2[e]);
+      const float2 f = pair_to_f2(pairs[e]);
       dot += q[8 * v + 2 * e] * f.x + q[8 * v + 2 * e + 1] * f.y;
     }
   }
   return dot;
 }
 
+template <typename T> __device__ __forceinline__ float row_dot(const float *q, const T *k, uint32_t hs) { return row_dot_scalar(q, k, hs); }
+template <> __device__ __forceinline__ float row_dot<__half>(const float *q, const __half *k, uint32_t hs) { return row_dot_pairs<__half, __half2>(q, k, hs); }
 template <> __device__ __forceinline__ float row_dot<__nv_bfloat16>(const float *q, const __nv_bfloat16 *k, uint32_t hs) {
-  if (hs % 8 != 0) {
-    float dot = 0.f;
-    for (uint32_t d = 0; d < hs; d++) dot += q[d] * __bfloat162float(k[d]);
-    return dot;
-  }
-  float dot = 0.f;
-  const uint4 *k4 = reinterpret_cast<const uint4 *>(k);
-  for (uint32_t v = 0; v < hs / 8; v++) {
-    const uint4 raw = k4[v];
-    const __nv_bfloat162 *h2 = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const float2 f = __bfloat1622float2(h2[e]);
-      dot += q[8 * v + 2 * e] * f.x + q[8 * v + 2 * e + 1] * f.y;
-    }
-  }
-  return dot;
+  return row_dot_pairs<__nv_bfloat16, __nv_bfloat162>(q, k, hs);
 }
 
 // One block per (row, head). The warps take tiles of 32 keys in turn (warp w: tiles w, w + WARPS,

@@ -52,7 +52,6 @@ struct Inbox {
 struct Shared {
     inbox: Mutex<Inbox>,
     wake: Condvar,
-    stats: Mutex<EngineStats>,
 }
 
 /// A lock that outlives a panic elsewhere: the data behind these locks stays consistent.
@@ -63,24 +62,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Engine {
     shared: Arc<Shared>,
     options: EngineOptions,
+    /// The scheduler's figures, which it keeps current.
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 impl Engine {
     /// Starts the engine thread of `model`.
     pub fn start(model: Arc<Model>, options: EngineOptions) -> Result<Self> {
         options.validate()?;
-        let shared = Arc::new(Shared {
-            inbox: Mutex::new(Inbox { jobs: Vec::new(), closed: false }),
-            wake: Condvar::new(),
-            stats: Mutex::new(EngineStats::default()),
-        });
-        let thread_shared = shared.clone();
-        let thread_options = options.clone();
+        let shared = Arc::new(Shared { inbox: Mutex::new(Inbox { jobs: Vec::new(), closed: false }), wake: Condvar::new() });
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let (thread_shared, thread_stats, thread_options) = (shared.clone(), stats.clone(), options.clone());
         std::thread::Builder::new()
             .name("kvgpt-engine".into())
-            .spawn(move || run(&model, thread_options, &thread_shared))
+            .spawn(move || run(&model, thread_options, &thread_shared, thread_stats))
             .map_err(|e| Error::internal(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { shared, options })
+        Ok(Self { shared, options, stats })
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -98,9 +95,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The engine's figures as of its last step.
+    /// The engine's figures: a request whose result has been handed over is counted.
     pub fn stats(&self) -> EngineStats {
-        let mut stats = lock(&self.shared.stats).clone();
+        let mut stats = lock(&self.stats).clone();
         stats.waiting += lock(&self.shared.inbox).jobs.len();
         stats
     }
@@ -114,8 +111,9 @@ impl Drop for Engine {
     }
 }
 
-fn run(model: &Model, options: EngineOptions, shared: &Shared) {
-    let Ok(mut scheduler) = Scheduler::new(model, options) else { return };
+fn run(model: &Model, options: EngineOptions, shared: &Shared, stats: Arc<Mutex<EngineStats>>) {
+    // The engine's handle reads the scheduler's figures as they change.
+    let Ok(mut scheduler) = Scheduler::with_stats(model, options, stats) else { return };
     loop {
         {
             let mut inbox = lock(&shared.inbox);
@@ -146,6 +144,5 @@ fn run(model: &Model, options: EngineOptions, shared: &Shared) {
                 scheduler.fail_all(&Error::internal(format!("a forward pass panicked: {what}")));
             }
         }
-        *lock(&shared.stats) = scheduler.stats().clone();
     }
 }

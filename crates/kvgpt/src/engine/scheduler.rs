@@ -277,13 +277,20 @@ pub struct Scheduler<'m, 'c> {
     opts: EngineOptions,
     waiting: VecDeque<Waiting<'c>>,
     active: Vec<Active<'m, 'c>>,
-    stats: EngineStats,
+    /// Kept current as requests end, before their callbacks run, so a caller that sees a result
+    /// also sees it counted.
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 impl<'m, 'c> Scheduler<'m, 'c> {
     pub fn new(model: &'m Model, opts: EngineOptions) -> Result<Self> {
+        Self::with_stats(model, opts, Arc::default())
+    }
+
+    /// A scheduler that keeps its figures in `stats` (shared with whoever reads them).
+    pub fn with_stats(model: &'m Model, opts: EngineOptions, stats: Arc<Mutex<EngineStats>>) -> Result<Self> {
         opts.validate()?;
-        Ok(Self { model, opts, waiting: VecDeque::new(), active: Vec::new(), stats: EngineStats::default() })
+        Ok(Self { model, opts, waiting: VecDeque::new(), active: Vec::new(), stats })
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -293,7 +300,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
     /// Queues a request; it joins at a later step, in arrival order.
     pub fn submit(&mut self, request: Request<'c>) {
         self.waiting.push_back(Waiting { request, submitted: Instant::now() });
-        self.stats.waiting = self.waiting.len();
+        self.st().waiting = self.waiting.len();
     }
 
     /// Nothing in flight and nothing waiting.
@@ -301,8 +308,13 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         self.active.is_empty() && self.waiting.is_empty()
     }
 
-    pub fn stats(&self) -> &EngineStats {
-        &self.stats
+    /// What the scheduler did and holds.
+    pub fn stats(&self) -> EngineStats {
+        self.st().clone()
+    }
+
+    fn st(&self) -> MutexGuard<'_, EngineStats> {
+        lock_stats(&self.stats)
     }
 
     /// Runs steps until every request has ended.
@@ -327,14 +339,14 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             match self.run(&runs) {
                 Ok((step, host, rows, sync_ms)) => {
                     self.record(&runs, rows, ms(start));
-                    self.stats.sync_ms += sync_ms;
+                    self.st().sync_ms += sync_ms;
                     let t0 = Instant::now();
                     if let Err(e) = self.sample(&runs, &step, host) {
                         for r in &runs {
                             self.fail(r.idx, e.duplicate());
                         }
                     }
-                    self.stats.sample_ms += ms(t0);
+                    self.st().sample_ms += ms(t0);
                 }
                 Err(e) => {
                     for r in &runs {
@@ -344,8 +356,9 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             }
         }
         self.active.retain(|a| !a.finished);
-        self.stats.active = self.active.len();
-        self.stats.waiting = self.waiting.len();
+        let mut st = self.st();
+        st.active = self.active.len();
+        st.waiting = self.waiting.len();
         ran
     }
 
@@ -356,18 +369,22 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         }
         self.active.clear();
         while let Some(w) = self.waiting.pop_front() {
-            self.stats.completed += 1;
+            self.st().waiting = self.waiting.len();
+            self.ended();
             w.request.fail(e.duplicate());
         }
-        self.stats.active = 0;
-        self.stats.waiting = 0;
+    }
+
+    /// Counts a request that ends without ever being in flight; before its callback runs.
+    fn ended(&self) {
+        self.st().completed += 1;
     }
 
     fn reap_aborted(&mut self) {
         for i in 0..self.active.len() {
             let aborted = matches!(&self.active[i].work, Work::Generate(g) if g.abort.is_set());
             if aborted {
-                finish_active(&mut self.active[i], StopReason::Aborted, &mut self.stats);
+                finish_active(&mut self.active[i], StopReason::Aborted, &self.stats);
             }
         }
         self.active.retain(|a| !a.finished);
@@ -376,7 +393,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         while i < self.waiting.len() {
             if matches!(&self.waiting[i].request, Request::Generate(r) if r.abort.is_set()) {
                 let w = self.waiting.remove(i).expect("index in range");
-                self.stats.completed += 1;
+                self.st().waiting = self.waiting.len();
                 let ended = self.start(w); // an aborted request ends in `start`
                 debug_assert!(ended.is_none());
             } else {
@@ -389,12 +406,16 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         while self.active.len() < self.opts.max_sequences {
             let Some(w) = self.waiting.pop_front() else { break };
             let waited = ms(w.submitted);
-            self.stats.admitted += 1;
-            self.stats.queue_ms += waited;
-            self.stats.max_queue_ms = self.stats.max_queue_ms.max(waited);
-            match self.start(w) {
-                Some(a) => self.active.push(a),
-                None => self.stats.completed += 1,
+            {
+                let mut st = self.st();
+                st.admitted += 1;
+                st.queue_ms += waited;
+                st.max_queue_ms = st.max_queue_ms.max(waited);
+                st.waiting = self.waiting.len();
+            }
+            if let Some(a) = self.start(w) {
+                self.active.push(a);
+                self.st().active = self.active.len();
             }
         }
     }
@@ -415,6 +436,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                 let cached = match checked {
                     Ok(()) => r.session.lock().map(|s| s.cache().is_some()).unwrap_or(false),
                     Err(e) => {
+                        self.ended();
                         (r.on_done)(Err(e));
                         return None;
                     }
@@ -456,6 +478,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         let (prompt, sampler, session) = match prepared {
             Ok(p) => p,
             Err(e) => {
+                self.ended();
                 on_done(Err(e));
                 return None;
             }
@@ -480,6 +503,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         let Some(session) = session else {
             // Nothing to run: no new tokens wanted, or aborted before it began.
             let reason = if gen.abort.is_set() { StopReason::Aborted } else { StopReason::MaxNewTokens };
+            self.ended();
             end_generation(gen, reason, submitted, 0, 0);
             return None;
         };
@@ -582,7 +606,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
     }
 
     fn record(&mut self, runs: &[Run], rows: usize, step_ms: f64) {
-        let s = &mut self.stats;
+        let mut s = lock_stats(&self.stats);
         s.steps += 1;
         s.rows += rows as u64;
         s.sequences += runs.len() as u64;
@@ -631,12 +655,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             };
             let a = &mut self.active[idx];
             let outcome = match &mut a.work {
-                Work::Feed(on_done) => {
-                    if let Some(cb) = on_done.take() {
-                        cb(Ok(greedy));
-                    }
-                    Ok(Outcome::Ended)
-                }
+                Work::Feed(on_done) => Ok(Outcome::Fed(on_done.take(), greedy)),
                 Work::Generate(g) => {
                     let Seq::Owned(session) = &a.seq else { unreachable!("a generation owns its session") };
                     let t0 = Instant::now();
@@ -648,7 +667,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                         _ => greedy,
                     };
                     g.timings.sample_ms += ms(t0);
-                    self.stats.generated_tokens += 1;
+                    lock_stats(&self.stats).generated_tokens += 1;
                     take_token(g, token, session.tokens().len(), model, a.submitted).map(|stop| match stop {
                         Some(reason) => Outcome::Stop(reason),
                         None => Outcome::Continue(token),
@@ -656,11 +675,14 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                 }
             };
             match outcome {
-                Ok(Outcome::Ended) => {
+                Ok(Outcome::Fed(cb, id)) => {
                     a.finished = true;
-                    self.stats.completed += 1;
+                    count_end(&self.stats);
+                    if let Some(cb) = cb {
+                        cb(Ok(id));
+                    }
                 }
-                Ok(Outcome::Stop(reason)) => finish_active(a, reason, &mut self.stats),
+                Ok(Outcome::Stop(reason)) => finish_active(a, reason, &self.stats),
                 Ok(Outcome::Continue(token)) => {
                     a.pending.clear();
                     a.pending.push(token);
@@ -680,7 +702,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             return;
         }
         a.finished = true;
-        self.stats.completed += 1;
+        count_end(&self.stats);
         match &mut a.work {
             Work::Generate(g) => {
                 if let Some(cb) = g.on_done.take() {
@@ -705,10 +727,22 @@ impl Drop for Scheduler<'_, '_> {
     }
 }
 
-enum Outcome {
-    Ended,
+enum Outcome<'c> {
+    /// A feed's ids all ran: its callback and the greedy next id.
+    Fed(Option<OnDone<'c, u32>>, u32),
     Stop(StopReason),
     Continue(u32),
+}
+
+fn lock_stats(stats: &Mutex<EngineStats>) -> MutexGuard<'_, EngineStats> {
+    stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts a sequence in flight that ends; before its callback runs.
+fn count_end(stats: &Mutex<EngineStats>) {
+    let mut s = lock_stats(stats);
+    s.completed += 1;
+    s.active = s.active.saturating_sub(1);
 }
 
 /// Records a sampled token, streams it, and says whether the generation stops here.
@@ -748,12 +782,12 @@ fn take_token(g: &mut Gen<'_, '_>, token: u32, seq_len: usize, model: &Model, su
 
 /// Ends a sequence with its result (a generation) or as stopped (a feed); its place is freed
 /// when the step ends.
-fn finish_active(a: &mut Active<'_, '_>, reason: StopReason, stats: &mut EngineStats) {
+fn finish_active(a: &mut Active<'_, '_>, reason: StopReason, stats: &Mutex<EngineStats>) {
     if a.finished {
         return;
     }
     a.finished = true;
-    stats.completed += 1;
+    count_end(stats);
     match std::mem::replace(&mut a.work, Work::Feed(None)) {
         Work::Generate(g) => end_generation(g, reason, a.submitted, a.passes, a.batch_sum),
         Work::Feed(Some(cb)) => cb(Err(Error::InvalidInput("the feed was stopped before it ran".into()))),
