@@ -264,7 +264,8 @@ export class Gpt2 implements Disposable {
   /**
    * Generates from every prompt at once, batched, with the same options; resolves with the
    * results in prompt order. If one prompt fails (bad input), the others are aborted and the
-   * promise rejects with that error, its message prefixed with the prompt's index.
+   * promise rejects with that error, its message prefixed with the prompt's index (`prompt 2:
+   * ...`); an option out of range rejects as it would for `generate`.
    */
   async generateBatch(prompts: readonly (string | readonly number[])[], options?: GenerateOptions): Promise<GenerateResult[]> {
     this.#check();
@@ -279,7 +280,9 @@ export class Gpt2 implements Disposable {
           failed = true;
           for (const c of cancels) c.cancel();
         }
-        if (e instanceof Error) e.message = `prompt ${i}: ${e.message}`;
+        // An option out of range fails every prompt alike; anything else names its prompt.
+        const code = (e as { code?: string }).code;
+        if (e instanceof Error && code !== 'KVGPT_OPTION_RANGE' && code !== 'KVGPT_OPTION_TYPE') e.message = `prompt ${i}: ${e.message}`;
         throw e;
       }),
     );

@@ -105,6 +105,10 @@ describe('batching', () => {
       message: expect.stringMatching(/^prompt 1: prompt is 129 tokens/),
     });
     await expect(model.generateBatch([ref.prompts[0].input_ids, 5 as never])).rejects.toMatchObject({ code: 'KVGPT_OPTION_TYPE' });
+    await expect(model.generateBatch(prompts.slice(0, 1), { temperature: -1 })).rejects.toMatchObject({
+      code: 'KVGPT_OPTION_RANGE',
+      message: expect.stringMatching(/^temperature must be in \[0, 100\]/),
+    });
     expect(await model.generateBatch([])).toEqual([]);
   });
 

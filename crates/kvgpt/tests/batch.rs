@@ -1,6 +1,6 @@
 //! The engine: sequences batched into one forward pass get exactly the tokens they get alone
 //! (greedy and seeded sampling, cache on and off, mixed prompt lengths, prompts read in chunks,
-//! sequences joining mid-flight and leaving early by max tokens, stop strings and aborts), HF's
+//! sequences joining mid-flight and leaving early by max tokens, EOS, stop strings and aborts), HF's
 //! left-padded batch is reproduced, one request's bad input fails it alone, and the engine
 //! thread batches concurrent callers. On the CPU in f32 a row's numbers do not depend on the
 //! rest of the step, so batched logits equal solo ones bit for bit.
@@ -167,6 +167,19 @@ fn batched_logits_equal_solo_logits() {
 }
 
 #[test]
+fn a_pass_refuses_one_cache_twice_and_an_empty_step() {
+    let model = load("tiny-gpt2");
+    let gpt2 = model.gpt2();
+    let cache = KvCache::new(model.config(), 8, gpt2.dtype(), gpt2.device()).unwrap();
+    let seg = || Segment { ids: &[1, 2], cache: &cache, logits: Logits::Last };
+    let e = gpt2.forward_batch(&[seg(), seg()]).err().unwrap();
+    assert_eq!(e.code(), "KVGPT_INVALID_INPUT");
+    assert!(e.to_string().contains("share a KV cache"), "{e}");
+    assert_eq!(gpt2.forward_batch(&[]).err().unwrap().code(), "KVGPT_INVALID_INPUT");
+    assert!(cache.is_empty(), "nothing was committed");
+}
+
+#[test]
 fn mixed_lengths_chunked_prompts_joins_and_early_leavers_equal_solo() {
     let model = load("tiny-gpt2");
     let engine = EngineOptions { max_sequences: 3, max_step_tokens: 24, prefill_chunk: 8 };
@@ -199,6 +212,38 @@ fn mixed_lengths_chunked_prompts_joins_and_early_leavers_equal_solo() {
         assert_eq!(stats.max_batch, want, "use_cache={use_cache}: at most maxSequences ride together");
         assert!(stats.max_queue_ms > 0.0, "some waited for a place");
         assert_eq!(stats.completed, specs.len() as u64);
+    }
+}
+
+/// Leaving by EOS: a copy of tiny-gpt2 whose config names as EOS a token that prompt 0's greedy
+/// run produces at step 4 (the random weights never produce 50256), run beside sequences that
+/// go on; with `ignore_eos` it goes on too.
+#[test]
+fn a_sequence_that_meets_eos_leaves_early_and_the_others_go_on() {
+    let (prompt0, greedy0) = reference_prompt("tiny-gpt2", 0);
+    let eos = greedy0[4];
+    let first = greedy0.iter().position(|&t| t == eos).unwrap();
+    let dir = TempDir::new("eos");
+    copy_fixture_files("tiny-gpt2", &["model.safetensors", "tokenizer.json", "generation_config.json"], dir.path());
+    let config = std::fs::read_to_string(fixture("tiny-gpt2").join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), config.replace("\"eos_token_id\": 50256", &format!("\"eos_token_id\": {eos}"))).unwrap();
+    let model = Model::load(dir.path().to_str().unwrap(), &kvgpt::LoadOptions { device: test_device(), ..Default::default() }).unwrap();
+    let engine = EngineOptions { max_sequences: 4, max_step_tokens: 32, prefill_chunk: 8 };
+    let mut stops = greedy(40, true);
+    stops.ignore_eos = false;
+    let specs: Vec<Spec> = [(prompt0.clone(), stops.clone()), (prompt0.clone(), greedy(40, true))]
+        .into_iter()
+        .chain((1..4).map(|i| (reference_prompt("tiny-gpt2", i).0, stops.clone())))
+        .enumerate()
+        .map(|(i, (prompt, opts))| Spec { prompt, opts, arrival: i, abort_after: None })
+        .collect();
+    let (batched, _) = run_scripted(&model, &engine, &specs);
+    let g0 = batched[0].as_ref().unwrap();
+    assert_eq!(g0.stop_reason, StopReason::Eos);
+    assert_eq!(g0.tokens, greedy0[..=first], "the EOS id is the last token");
+    assert_eq!(batched[1].as_ref().unwrap().tokens, greedy0, "ignoreEos goes on through the same token");
+    for (i, (b, spec)) in batched.iter().zip(&specs).enumerate() {
+        same_result(b, &solo(&model, &engine, spec), &format!("request {i}"));
     }
 }
 

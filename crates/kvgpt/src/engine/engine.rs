@@ -12,6 +12,7 @@ use crate::model::loader::Model;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// A request as another thread hands it over.
 pub enum Job {
@@ -45,7 +46,8 @@ impl Job {
 }
 
 struct Inbox {
-    jobs: Vec<Job>,
+    /// Jobs and when they arrived (a job can wait here while a step runs).
+    jobs: Vec<(Job, Instant)>,
     closed: bool,
 }
 
@@ -90,7 +92,7 @@ impl Engine {
         if inbox.closed {
             return Err(Error::Disposed);
         }
-        inbox.jobs.push(job);
+        inbox.jobs.push((job, Instant::now()));
         self.shared.wake.notify_one();
         Ok(())
     }
@@ -118,8 +120,8 @@ fn run(model: &Model, options: EngineOptions, shared: &Shared, stats: Arc<Mutex<
         {
             let mut inbox = lock(&shared.inbox);
             loop {
-                for job in inbox.jobs.drain(..) {
-                    scheduler.submit(job.into_request());
+                for (job, at) in inbox.jobs.drain(..) {
+                    scheduler.submit_at(job.into_request(), at);
                 }
                 if !scheduler.is_idle() {
                     break;

@@ -299,7 +299,12 @@ impl<'m, 'c> Scheduler<'m, 'c> {
 
     /// Queues a request; it joins at a later step, in arrival order.
     pub fn submit(&mut self, request: Request<'c>) {
-        self.waiting.push_back(Waiting { request, submitted: Instant::now() });
+        self.submit_at(request, Instant::now());
+    }
+
+    /// Queues a request that arrived at `submitted` (its queue wait and TTFT count from then).
+    pub fn submit_at(&mut self, request: Request<'c>, submitted: Instant) {
+        self.waiting.push_back(Waiting { request, submitted });
         self.st().waiting = self.waiting.len();
     }
 

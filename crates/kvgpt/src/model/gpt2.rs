@@ -208,8 +208,12 @@ impl Gpt2 {
         if segs.is_empty() {
             return Err(Error::InvalidInput("a forward pass needs at least one sequence".into()));
         }
+        let mut caches = std::collections::HashSet::with_capacity(segs.len());
         for s in segs {
             let (t, pos) = (s.ids.len(), s.cache.len());
+            if !caches.insert(s.cache as *const KvCache) {
+                return Err(Error::InvalidInput("two segments of one forward pass share a KV cache (a sequence runs once a pass)".into()));
+            }
             if t == 0 {
                 return Err(Error::InvalidInput("forward needs at least one token".into()));
             }
