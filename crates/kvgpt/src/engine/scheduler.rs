@@ -293,10 +293,6 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         Ok(Self { model, opts, waiting: VecDeque::new(), active: Vec::new(), stats })
     }
 
-    pub fn options(&self) -> &EngineOptions {
-        &self.opts
-    }
-
     /// Queues a request; it joins at a later step, in arrival order.
     pub fn submit(&mut self, request: Request<'c>) {
         self.submit_at(request, Instant::now());
@@ -433,13 +429,18 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             Request::Generate(r) => self.start_generation(r, submitted),
             Request::Feed(r) => {
                 let busy = self.active.iter().any(|a| matches!(&a.seq, Seq::Shared(s) if Arc::ptr_eq(s, &r.session)));
+                // Whether the session has a cache, once its ids are known to fit.
                 let checked = if busy {
                     Err(Error::InvalidInput("a feed is already running on this session; wait for it before feeding more".into()))
                 } else {
-                    self.model.check_ids(&r.ids).and_then(|_| r.session.lock().map_err(|_| poisoned())?.check_room(r.ids.len()))
+                    self.model.check_ids(&r.ids).and_then(|_| {
+                        let session = r.session.lock().map_err(|_| poisoned())?;
+                        session.check_room(r.ids.len())?;
+                        Ok(session.cache().is_some())
+                    })
                 };
                 let cached = match checked {
-                    Ok(()) => r.session.lock().map(|s| s.cache().is_some()).unwrap_or(false),
+                    Ok(cached) => cached,
                     Err(e) => {
                         self.ended();
                         (r.on_done)(Err(e));

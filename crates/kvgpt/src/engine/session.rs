@@ -42,10 +42,6 @@ impl Session {
         self.cache.as_ref()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Checks that `n` more ids fit, before any work.
     pub(crate) fn check_room(&self, n: usize) -> Result<()> {
         if n == 0 {

@@ -6,7 +6,6 @@
 //! sequence at a time.
 
 use crate::cpu::matvec::RowPlan;
-use crate::cpu::ops::is_cpu_f32;
 use crate::error::Result;
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
@@ -59,7 +58,7 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, plan: &RowPlan, seqs: &[SeqRows<'_>], layer: usize, step: &StepAttention) -> Result<Tensor> {
         let qkv = self.c_attn.forward(x, plan)?; // (N, 3C)
         let y = match step {
-            StepAttention::Cpu if is_cpu_f32(&qkv) => {
+            StepAttention::Cpu => {
                 for s in seqs {
                     s.cache.write_rows(layer, &qkv, s.row0, s.t)?;
                 }
@@ -68,7 +67,6 @@ impl Attention {
             #[cfg(feature = "cuda")]
             StepAttention::Cuda(meta) => crate::cuda::attend(&qkv, meta, layer, self.n_head, self.scale as f32)?,
             StepAttention::Ops(masks) => self.attend_each(&qkv, seqs, layer, masks)?,
-            StepAttention::Cpu => return Err(crate::error::Error::internal("the CPU attention kernel takes f32 on the CPU")),
         };
         self.c_proj.forward(&y, plan) // (N, C)
     }
