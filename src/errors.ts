@@ -13,6 +13,7 @@ export type KvgptErrorCode =
   | 'KVGPT_OPTION_RANGE'
   | 'KVGPT_OPTION_TYPE'
   | 'KVGPT_DEVICE'
+  | 'KVGPT_ABORTED'
   | 'KVGPT_DISPOSED'
   | 'KVGPT_NO_BINARY'
   | 'KVGPT_INTERNAL';

@@ -47,6 +47,10 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// The caller aborted a request that has no partial result to give (scoring).
+    #[error("{0}")]
+    Aborted(String),
+
     /// The model was disposed; every later call gets this.
     #[error("the model was disposed; load it again to use it")]
     Disposed,
@@ -70,6 +74,7 @@ impl Error {
             Error::InvalidInput(_) => "KVGPT_INVALID_INPUT",
             Error::OptionOutOfRange { .. } => "KVGPT_OPTION_RANGE",
             Error::Device(_) => "KVGPT_DEVICE",
+            Error::Aborted(_) => "KVGPT_ABORTED",
             Error::Disposed => "KVGPT_DISPOSED",
             Error::Candle(_) => "KVGPT_INTERNAL",
         }
@@ -102,6 +107,7 @@ impl Error {
             Error::InvalidInput(s) => Error::InvalidInput(s.clone()),
             Error::OptionOutOfRange { name, reason } => Error::OptionOutOfRange { name, reason: reason.clone() },
             Error::Device(s) => Error::Device(s.clone()),
+            Error::Aborted(s) => Error::Aborted(s.clone()),
             Error::Disposed => Error::Disposed,
             Error::Candle(e) => Error::internal(e.to_string()),
         }

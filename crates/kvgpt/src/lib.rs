@@ -22,6 +22,7 @@ pub use engine::engine::{Engine, Job};
 pub use engine::generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
 pub use engine::sampling::SamplingParams;
 pub use engine::scheduler::{EngineOptions, EngineStats, Prompt, Scheduler};
+pub use engine::score::{Score, ScoreOptions, ScoreTimings, ScoredToken, TokenLogprob, MAX_LOGPROBS};
 pub use engine::session::Session;
 pub use error::{Error, Result};
 pub use hub::HubSettings;

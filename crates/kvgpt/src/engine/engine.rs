@@ -5,7 +5,8 @@
 //! ends once the engine is dropped and its last request has ended.
 
 use crate::engine::generate::{GenerateOptions, Generation, TokenEvent};
-use crate::engine::scheduler::{Abort, EngineOptions, EngineStats, FeedRequest, GenerateRequest, Prompt, Request, Scheduler};
+use crate::engine::scheduler::{Abort, EngineOptions, EngineStats, FeedRequest, GenerateRequest, Prompt, Request, Scheduler, ScoreRequest};
+use crate::engine::score::{Score, ScoreOptions};
 use crate::engine::session::Session;
 use crate::error::{Error, Result};
 use crate::model::loader::Model;
@@ -28,6 +29,13 @@ pub enum Job {
         ids: Vec<u32>,
         on_done: Box<dyn FnOnce(Result<u32>) + Send>,
     },
+    Score {
+        text: Prompt,
+        options: ScoreOptions,
+        abort: Arc<AtomicBool>,
+        on_progress: Option<Box<dyn FnMut(usize, usize) + Send>>,
+        on_done: Box<dyn FnOnce(Result<Score>) + Send>,
+    },
 }
 
 impl Job {
@@ -41,6 +49,13 @@ impl Job {
                 on_done,
             }),
             Job::Feed { session, ids, on_done } => Request::Feed(FeedRequest { session, ids, on_done }),
+            Job::Score { text, options, abort, on_progress, on_done } => Request::Score(ScoreRequest {
+                text,
+                options,
+                abort: Abort::Shared(abort),
+                on_progress: on_progress.map(|f| f as Box<dyn FnMut(usize, usize)>),
+                on_done,
+            }),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! chunks, then one token per step; sampling, stop conditions and the text stream per request).
 
 use crate::engine::sampling::SamplingParams;
+use crate::engine::score::TokenLogprob;
 use crate::engine::scheduler::{Abort, EngineOptions, GenerateRequest, Prompt, Request, Scheduler};
 use crate::error::{Error, Result};
 use crate::model::loader::Model;
@@ -22,6 +23,9 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// false recomputes the whole sequence each step (HF `use_cache=False`).
     pub use_cache: bool,
+    /// Some(k): each new token's log-probability and the k (0..=20) most likely alternatives,
+    /// from the model's logits before the repetition penalty, temperature, top-k and top-p.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateOptions {
@@ -43,6 +47,7 @@ impl GenerateOptions {
             stop: vec![],
             ignore_eos: false,
             use_cache: true,
+            logprobs: None,
         }
     }
 
@@ -53,6 +58,9 @@ impl GenerateOptions {
                 "maxNewTokens",
                 format!("must be in [0, {MAX_NEW_TOKENS_LIMIT}], got {}", self.max_new_tokens),
             ));
+        }
+        if let Some(k) = self.logprobs {
+            crate::engine::score::check_logprobs(k)?;
         }
         if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
             return Err(Error::range("stop", format!("strings must be non-empty; stop[{i}] is empty")));
@@ -119,12 +127,16 @@ pub struct Generation {
     pub timings: Timings,
     /// Bytes of this generation's KV cache (0 with the cache off).
     pub cache_bytes: usize,
+    /// With the `logprobs` option: one entry per new token.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
-/// One streamed event: the id and the text it completes (possibly empty).
+/// One streamed event: the id, the text it completes (possibly empty), and with the `logprobs`
+/// option its log-probability and alternatives.
 pub struct TokenEvent<'a> {
     pub token: u32,
     pub text: &'a str,
+    pub logprob: Option<&'a TokenLogprob>,
 }
 
 impl Model {

@@ -5,16 +5,20 @@
 //! its own. Requests join and leave between steps; a finished, aborted or failed one frees its
 //! place at once. Nothing about batching shows in a result: a sequence's prompt chunks start at
 //! fixed offsets (multiples of `prefill_chunk`) and on the CPU a row's numbers do not depend on
-//! the rest of the step (`RowPlan`), so its tokens are the ones it gets alone.
+//! the rest of the step (`RowPlan`), so its tokens are the ones it gets alone. A text being
+//! scored (`engine::score`) rides the same way, one window after another, as prompt chunks that
+//! ask logits only for the rows that predict a target.
 
 use crate::engine::generate::{GenerateOptions, Generation, StopReason, Timings, TokenEvent};
 use crate::engine::sampling::{argmax, Sampler};
+use crate::engine::score::{gather_logprobs, token_logprob, Score, ScoreOptions, Scoring, TokenLogprob};
 use crate::engine::session::{Pass, Session};
 use crate::engine::stream::TextStream;
 use crate::error::{Error, Result};
 use crate::model::gpt2::{Logits, Segment, StepLogits};
 use crate::model::loader::Model;
-use candle_core::{Device, D};
+use candle_core::{CpuStorage, Device, Storage, Tensor, D};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +127,7 @@ pub enum Abort<'c> {
 }
 
 impl Abort<'_> {
-    fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         match self {
             Abort::Borrowed(f) => f.load(Ordering::Relaxed),
             Abort::Shared(f) => f.load(Ordering::Relaxed),
@@ -156,9 +160,20 @@ pub struct FeedRequest<'c> {
     pub on_done: OnDone<'c, u32>,
 }
 
+/// A text to score: the log-probability of each token, the mean NLL and the perplexity.
+/// `on_progress` sees (tokens scored, tokens to score) after each pass that scored some.
+pub struct ScoreRequest<'c> {
+    pub text: Prompt,
+    pub options: ScoreOptions,
+    pub abort: Abort<'c>,
+    pub on_progress: Option<Box<dyn FnMut(usize, usize) + 'c>>,
+    pub on_done: OnDone<'c, Score>,
+}
+
 pub enum Request<'c> {
     Generate(GenerateRequest<'c>),
     Feed(FeedRequest<'c>),
+    Score(ScoreRequest<'c>),
 }
 
 impl<'c> Request<'c> {
@@ -166,8 +181,21 @@ impl<'c> Request<'c> {
         match self {
             Request::Generate(r) => (r.on_done)(Err(e)),
             Request::Feed(r) => (r.on_done)(Err(e)),
+            Request::Score(r) => (r.on_done)(Err(e)),
         }
     }
+
+    fn aborted(&self) -> bool {
+        match self {
+            Request::Generate(r) => r.abort.is_set(),
+            Request::Score(r) => r.abort.is_set(),
+            Request::Feed(_) => false,
+        }
+    }
+}
+
+fn score_aborted() -> Error {
+    Error::Aborted("the scoring was aborted (its signal fired) before it ended".into())
 }
 
 struct Waiting<'c> {
@@ -231,11 +259,14 @@ struct Gen<'m, 'c> {
     on_token: Option<OnToken<'c>>,
     on_done: Option<OnDone<'c, Generation>>,
     cache_bytes: usize,
+    /// Each token's log-probability and alternatives, with the `logprobs` option.
+    logprobs: Vec<TokenLogprob>,
 }
 
 enum Work<'m, 'c> {
     Generate(Box<Gen<'m, 'c>>),
     Feed(Option<OnDone<'c, u32>>),
+    Score(Box<Scoring<'c>>),
 }
 
 /// A sequence in flight: its session, the ids it still has to run (the prompt's rest, or the
@@ -342,7 +373,8 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                     self.record(&runs, rows, ms(start));
                     self.st().sync_ms += sync_ms;
                     let t0 = Instant::now();
-                    if let Err(e) = self.sample(&runs, &step, host) {
+                    let sampled = with_host_rows(step.logits.as_ref(), host.as_deref(), |h| self.sample(&runs, &step, h));
+                    if let Err(e) = sampled {
                         for r in &runs {
                             self.fail(r.idx, e.duplicate());
                         }
@@ -383,16 +415,17 @@ impl<'m, 'c> Scheduler<'m, 'c> {
 
     fn reap_aborted(&mut self) {
         for i in 0..self.active.len() {
-            let aborted = matches!(&self.active[i].work, Work::Generate(g) if g.abort.is_set());
-            if aborted {
-                finish_active(&mut self.active[i], StopReason::Aborted, &self.stats);
+            match &self.active[i].work {
+                Work::Generate(g) if g.abort.is_set() => finish_active(&mut self.active[i], StopReason::Aborted, &self.stats),
+                Work::Score(s) if s.abort.is_set() => self.fail(i, score_aborted()),
+                _ => {}
             }
         }
         self.active.retain(|a| !a.finished);
         // An aborted request still waiting ends now, without waiting for a place.
         let mut i = 0;
         while i < self.waiting.len() {
-            if matches!(&self.waiting[i].request, Request::Generate(r) if r.abort.is_set()) {
+            if self.waiting[i].request.aborted() {
                 let w = self.waiting.remove(i).expect("index in range");
                 self.st().waiting = self.waiting.len();
                 let ended = self.start(w); // an aborted request ends in `start`
@@ -427,6 +460,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         let submitted = w.submitted;
         match w.request {
             Request::Generate(r) => self.start_generation(r, submitted),
+            Request::Score(r) => self.start_score(r, submitted),
             Request::Feed(r) => {
                 let busy = self.active.iter().any(|a| matches!(&a.seq, Seq::Shared(s) if Arc::ptr_eq(s, &r.session)));
                 // Whether the session has a cache, once its ids are known to fit.
@@ -459,6 +493,37 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                     batch_sum: 0,
                     finished: false,
                 })
+            }
+        }
+    }
+
+    fn start_score(&mut self, r: ScoreRequest<'c>, submitted: Instant) -> Option<Active<'m, 'c>> {
+        let started = match r.abort.is_set() {
+            true => Err((score_aborted(), r.on_done)),
+            false => Scoring::new(self.model, r, ms(submitted)),
+        };
+        // One KV cache for the longest window, emptied for each next one.
+        let started = started.and_then(|(scoring, capacity)| match Session::new(self.model.gpt2(), capacity, true) {
+            Ok(session) => Ok((scoring, session)),
+            Err(e) => Err((e, scoring.on_done.expect("not yet handed over"))),
+        });
+        match started {
+            Ok((scoring, session)) => Some(Active {
+                seq: Seq::Owned(session),
+                cached: true,
+                pending: scoring.window_ids(),
+                done: 0,
+                decoding: false,
+                work: Work::Score(Box::new(scoring)),
+                submitted,
+                passes: 0,
+                batch_sum: 0,
+                finished: false,
+            }),
+            Err((e, on_done)) => {
+                self.ended();
+                on_done(Err(e));
+                None
             }
         }
     }
@@ -505,6 +570,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             on_token,
             on_done: Some(on_done),
             cache_bytes,
+            logprobs: Vec::new(),
         });
         let Some(session) = session else {
             // Nothing to run: no new tokens wanted, or aborted before it began.
@@ -563,14 +629,20 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             }
             first = false;
             budget = budget.saturating_sub(cost);
-            runs.push(Run { idx: i, n, logits: if n == left { Logits::Last } else { Logits::Skip } });
+            let logits = match &a.work {
+                Work::Score(s) => s.logits_for(a.done, n),
+                _ if n == left => Logits::Last,
+                _ => Logits::Skip,
+            };
+            runs.push(Run { idx: i, n, logits });
         }
         runs
     }
 
     /// The forward pass of a step: each run's session borrowed (feeds' locked), its ids run,
-    /// and on success committed. Returns the logits and, when a row is sampled or the device
-    /// is the CPU, the logits copied to the host; the rows run; the wait for the device.
+    /// and on success committed. Returns the logits and, off the CPU when a row is sampled or
+    /// wants log-probabilities, the logits copied to the host; the rows run; the wait for the
+    /// device.
     fn run(&mut self, runs: &[Run]) -> Result<(StepLogits, Option<Vec<f32>>, usize, f64)> {
         let gpt2 = self.model.gpt2();
         let mut slots: Vec<Option<&mut Active<'m, 'c>>> = self.active.iter_mut().map(Some).collect();
@@ -597,7 +669,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         }
         drop(parts);
         let needs_host = step.logits.as_ref().is_some_and(|l| {
-            l.device().is_cpu() || runs.iter().any(|r| r.logits != Logits::Skip && self.samples(r.idx))
+            !l.device().is_cpu() && runs.iter().any(|r| r.logits != Logits::Skip && self.samples(r.idx))
         });
         let host = match (&step.logits, needs_host) {
             (Some(l), true) => Some(l.flatten_all()?.to_vec1::<f32>()?),
@@ -606,9 +678,10 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         Ok((step, host, rows, sync_ms))
     }
 
-    /// Whether the sequence draws from its logits (not a plain argmax).
+    /// Whether the sequence needs its row on the host: it draws from its logits (not a plain
+    /// argmax) or reports log-probabilities.
     fn samples(&self, idx: usize) -> bool {
-        matches!(&self.active[idx].work, Work::Generate(g) if !g.plain_greedy)
+        matches!(&self.active[idx].work, Work::Generate(g) if !g.plain_greedy || g.opts.logprobs.is_some())
     }
 
     fn record(&mut self, runs: &[Run], rows: usize, step_ms: f64) {
@@ -622,25 +695,31 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             let a = &mut self.active[r.idx];
             a.passes += 1;
             a.batch_sum += runs.len();
-            if let Work::Generate(g) = &mut a.work {
-                if a.decoding {
+            match &mut a.work {
+                Work::Generate(g) if a.decoding => {
                     g.timings.decode_ms += step_ms;
                     g.timings.step_ms.push(step_ms);
-                } else {
-                    g.timings.prefill_ms += step_ms;
                 }
+                Work::Generate(g) => g.timings.prefill_ms += step_ms,
+                Work::Score(s) => {
+                    s.timings.forward_ms += step_ms;
+                    s.timings.forward_tokens += r.n;
+                }
+                Work::Feed(_) => {}
             }
             a.done += r.n;
         }
     }
 
-    /// Each sequence whose pending ids all ran takes its next token (a feed ends with it).
-    fn sample(&mut self, runs: &[Run], step: &StepLogits, host: Option<Vec<f32>>) -> Result<()> {
+    /// Each sequence whose pending ids all ran takes its next token (a feed ends with it); a
+    /// text being scored takes its targets' log-probabilities.
+    fn sample(&mut self, runs: &[Run], step: &StepLogits, host: Option<&[f32]>) -> Result<()> {
         let vocab = self.model.config().vocab_size;
+        self.take_scores(runs, step, host)?;
         let rows: Vec<(usize, usize)> = runs
             .iter()
             .zip(&step.rows)
-            .filter(|(r, _)| r.logits != Logits::Skip)
+            .filter(|(r, _)| r.logits != Logits::Skip && !matches!(self.active[r.idx].work, Work::Score(_)))
             .map(|(r, rows)| (r.idx, rows.start))
             .collect();
         if rows.is_empty() {
@@ -648,13 +727,13 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         }
         let logits = step.logits.as_ref().ok_or_else(|| Error::InvalidInput("the step returned no logits".into()))?;
         // Off the CPU the argmax of every row runs on the device and only the ids cross.
-        let device_argmax: Option<Vec<u32>> = match &host {
+        let device_argmax: Option<Vec<u32>> = match host {
             Some(_) => None,
             None => Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
         };
         let model = self.model;
         for (idx, row) in rows {
-            let greedy = match (&host, &device_argmax) {
+            let greedy = match (host, &device_argmax) {
                 (Some(h), _) => argmax(&h[row * vocab..(row + 1) * vocab]),
                 (None, Some(ids)) => ids[row],
                 (None, None) => unreachable!("one of the two is computed"),
@@ -662,19 +741,24 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             let a = &mut self.active[idx];
             let outcome = match &mut a.work {
                 Work::Feed(on_done) => Ok(Outcome::Fed(on_done.take(), greedy)),
+                Work::Score(_) => continue, // scored in take_scores
                 Work::Generate(g) => {
                     let Seq::Owned(session) = &a.seq else { unreachable!("a generation owns its session") };
                     let t0 = Instant::now();
-                    let token = match (&host, g.plain_greedy) {
-                        (Some(h), false) => {
-                            let mut row_logits = h[row * vocab..(row + 1) * vocab].to_vec();
-                            g.sampler.sample(&mut row_logits, session.tokens())
-                        }
+                    let row_logits = host.map(|h| &h[row * vocab..(row + 1) * vocab]);
+                    let token = match (row_logits, g.plain_greedy) {
+                        (Some(l), false) => g.sampler.sample(&mut l.to_vec(), session.tokens()),
                         _ => greedy,
+                    };
+                    // From the model's logits, before any of the sampler's processing.
+                    let logprob = match (g.opts.logprobs, row_logits) {
+                        (Some(k), Some(l)) => Some(token_logprob(l, token, k)),
+                        (Some(_), None) => return Err(Error::internal("log-probabilities asked for but the logits stayed on the device")),
+                        (None, _) => None,
                     };
                     g.timings.sample_ms += ms(t0);
                     lock_stats(&self.stats).generated_tokens += 1;
-                    take_token(g, token, session.tokens().len(), model, a.submitted).map(|stop| match stop {
+                    take_token(g, token, logprob, session.tokens().len(), model, a.submitted).map(|stop| match stop {
                         Some(reason) => Outcome::Stop(reason),
                         None => Outcome::Continue(token),
                     })
@@ -720,7 +804,111 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                     cb(Err(e));
                 }
             }
+            Work::Score(s) => {
+                if let Some(cb) = s.on_done.take() {
+                    cb(Err(e));
+                }
+            }
         }
+    }
+
+    /// The log-probabilities of the targets that this step's rows predict, for every text being
+    /// scored; then each whose window ran moves to its next window or ends. On the CPU the rows
+    /// are read where they are; off it, one gather on the device brings back a float a row
+    /// (rows whose alternatives are wanted are copied).
+    fn take_scores(&mut self, runs: &[Run], step: &StepLogits, host: Option<&[f32]>) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        let t0 = Instant::now();
+        // Each text's rows in the step, and their (position, target id).
+        let mut wanted: Vec<(usize, usize, usize, Vec<(usize, u32)>)> = Vec::new();
+        for (r, rows) in runs.iter().zip(&step.rows) {
+            let a = &self.active[r.idx];
+            if let (Work::Score(s), Logits::Span { start, len }) = (&a.work, r.logits) {
+                wanted.push((r.idx, rows.start, s.k, s.targets(a.done - r.n, start, len)));
+            }
+        }
+        if !wanted.is_empty() {
+            let logits = step.logits.as_ref().ok_or_else(|| Error::internal("the step returned no logits"))?;
+            let gathered = match host {
+                Some(_) => Vec::new(),
+                None => {
+                    let (rows, ids): (Vec<u32>, Vec<u32>) = wanted
+                        .iter()
+                        .filter(|w| w.2 == 0)
+                        .flat_map(|(_, row0, _, t)| t.iter().enumerate().map(move |(j, &(_, id))| ((row0 + j) as u32, id)))
+                        .unzip();
+                    if rows.is_empty() {
+                        Vec::new()
+                    } else {
+                        gather_logprobs(logits, &rows, &ids)?
+                    }
+                }
+            };
+            let mut gathered = gathered.into_iter();
+            let mut scored = Vec::with_capacity(wanted.len());
+            for (idx, row0, k, targets) in wanted {
+                let copied;
+                let rows: &[f32] = match host {
+                    Some(h) => &h[row0 * vocab..(row0 + targets.len()) * vocab],
+                    None if k > 0 => {
+                        copied = logits.narrow(0, row0, targets.len())?.flatten_all()?.to_vec1::<f32>()?;
+                        &copied
+                    }
+                    None => &[],
+                };
+                let lps: Vec<TokenLogprob> = if rows.is_empty() {
+                    targets.iter().map(|&(_, id)| TokenLogprob { id, logprob: gathered.next().unwrap_or(f32::NAN), top: Vec::new() }).collect()
+                } else {
+                    targets.par_iter().enumerate().map(|(j, &(_, id))| token_logprob(&rows[j * vocab..(j + 1) * vocab], id, k)).collect()
+                };
+                let Work::Score(s) = &mut self.active[idx].work else { unreachable!("collected above") };
+                for (&(position, _), lp) in targets.iter().zip(lps) {
+                    s.take(position, lp);
+                }
+                scored.push(idx);
+            }
+            // Like a forward pass, the step's log-probability work counts whole for each text.
+            let logprob_ms = ms(t0);
+            for idx in scored {
+                if let Work::Score(s) = &mut self.active[idx].work {
+                    s.timings.logprob_ms += logprob_ms;
+                    s.progress();
+                }
+            }
+        }
+        // Windows that ran to their end.
+        for r in runs {
+            let a = &mut self.active[r.idx];
+            if a.remaining() > 0 || a.finished {
+                continue;
+            }
+            let Work::Score(s) = &mut a.work else { continue };
+            if s.next_window() {
+                a.pending = s.window_ids();
+                a.done = 0;
+                let Seq::Owned(session) = &mut a.seq else { unreachable!("a scoring owns its session") };
+                session.truncate(0);
+            } else {
+                a.finished = true;
+                count_end(&self.stats);
+                if let Work::Score(s) = std::mem::replace(&mut a.work, Work::Feed(None)) {
+                    s.finish(self.model, a.submitted, a.passes, a.batch_sum);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A step's logits as host floats: the CPU tensor's own storage (read in place), or the copy
+/// that `run` made off the CPU.
+fn with_host_rows<R>(logits: Option<&Tensor>, copied: Option<&[f32]>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+    let Some(l) = logits.filter(|l| l.device().is_cpu()) else { return f(copied) };
+    let (storage, layout) = l.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| Error::internal("the step's logits are not contiguous"))?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => f(Some(&v[start..end])),
+        _ => Err(Error::internal("the step's logits are not f32")),
     }
 }
 
@@ -752,12 +940,15 @@ fn count_end(stats: &Mutex<EngineStats>) {
 }
 
 /// Records a sampled token, streams it, and says whether the generation stops here.
-fn take_token(g: &mut Gen<'_, '_>, token: u32, seq_len: usize, model: &Model, submitted: Instant) -> Result<Option<StopReason>> {
+fn take_token(g: &mut Gen<'_, '_>, token: u32, logprob: Option<TokenLogprob>, seq_len: usize, model: &Model, submitted: Instant) -> Result<Option<StopReason>> {
     let cfg = model.config();
     if g.tokens.is_empty() {
         g.timings.ttft_ms = ms(submitted);
     }
     g.tokens.push(token);
+    if let Some(lp) = logprob {
+        g.logprobs.push(lp);
+    }
     let is_eos = !g.opts.ignore_eos && cfg.eos_token_ids.contains(&token);
     let mut chunk = String::new();
     let mut hit_stop = false;
@@ -781,7 +972,7 @@ fn take_token(g: &mut Gen<'_, '_>, token: u32, seq_len: usize, model: &Model, su
         ts.flush(&mut chunk); // release text held back for a possible stop string
     }
     if let Some(cb) = g.on_token.as_mut() {
-        cb(TokenEvent { token, text: &chunk });
+        cb(TokenEvent { token, text: &chunk, logprob: g.opts.logprobs.and(g.logprobs.last()) });
     }
     Ok(last)
 }
@@ -798,6 +989,11 @@ fn finish_active(a: &mut Active<'_, '_>, reason: StopReason, stats: &Mutex<Engin
         Work::Generate(g) => end_generation(g, reason, a.submitted, a.passes, a.batch_sum),
         Work::Feed(Some(cb)) => cb(Err(Error::InvalidInput("the feed was stopped before it ran".into()))),
         Work::Feed(None) => {}
+        Work::Score(mut s) => {
+            if let Some(cb) = s.on_done.take() {
+                cb(Err(score_aborted()));
+            }
+        }
     }
 }
 
@@ -815,5 +1011,6 @@ fn end_generation(mut g: Box<Gen<'_, '_>>, reason: StopReason, submitted: Instan
         stop_reason: reason,
         timings,
         cache_bytes: g.cache_bytes,
+        logprobs: g.opts.logprobs.map(|_| std::mem::take(&mut g.logprobs)),
     }));
 }

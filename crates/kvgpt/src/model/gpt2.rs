@@ -18,11 +18,13 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 /// Which positions of a sequence's rows get logits: the last one (the next token), all of them
-/// (scoring, parity tests), or none (a prompt chunk with more to come).
+/// (parity tests), `len` of them from row `start` of the segment (scoring: the rows that predict
+/// a target), or none (a prompt chunk with more to come).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     Last,
     All,
+    Span { start: usize, len: usize },
     Skip,
 }
 
@@ -225,6 +227,11 @@ impl Gpt2 {
                 )));
             }
             s.cache.check_room(t)?;
+            if let Logits::Span { start, len } = s.logits {
+                if len == 0 || start + len > t {
+                    return Err(Error::InvalidInput(format!("logits for rows {start}..{} of a {t}-token segment", start + len)));
+                }
+            }
             if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
                 return Err(Error::InvalidInput(format!("token id {id} is outside the vocabulary (ids are 0..{})", self.cfg.vocab_size)));
             }
@@ -266,7 +273,7 @@ impl Gpt2 {
     }
 
     /// ln_f and the lm_head over the rows the segments asked for: every `Last` row and the
-    /// `All` rows of short segments first (one matvec group), then the `All` rows of each long
+    /// `All`/`Span` rows of short segments first (one matvec group), then those of each long
     /// segment (a gemm each).
     fn logits(&self, x: &Tensor, segs: &[Segment<'_>], order: &[usize], rows: &[SeqRows<'_>]) -> Result<StepLogits> {
         let mut out = vec![0..0; segs.len()];
@@ -278,6 +285,7 @@ impl Gpt2 {
                     Logits::Skip => continue,
                     Logits::Last => (r.row0 + r.t - 1, 1),
                     Logits::All => (r.row0, r.t),
+                    Logits::Span { start, len } => (r.row0 + start, len),
                 };
                 if (count > MAX_ROWS) != pass_big {
                     continue;
@@ -303,7 +311,8 @@ impl Gpt2 {
     /// Runs `ids` (1, T) of one sequence, whose first position is `pos`. With a cache, the new
     /// K/V are written in place and attention covers the cache's filled part; `pos` must then
     /// equal `cache.len()`. Without one, the sequence (starting at position 0) attends to
-    /// itself only. Returns logits (1, vocab) for `Logits::Last`, (1, T, vocab) for `Logits::All`.
+    /// itself only. Returns logits (1, vocab) for `Logits::Last`, (1, T, vocab) for `Logits::All` (and
+    /// (1, len, vocab) for a span).
     pub fn forward(&self, ids: &Tensor, pos: usize, cache: Option<&mut KvCache>, which: Logits) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if b != 1 {
@@ -329,7 +338,7 @@ impl Gpt2 {
         cache.advance(t);
         let logits = step.logits.ok_or_else(|| Error::InvalidInput("Logits::Skip asks for no logits".into()))?;
         Ok(match which {
-            Logits::All => logits.unsqueeze(0)?, // (1, T, vocab)
+            Logits::All | Logits::Span { .. } => logits.unsqueeze(0)?, // (1, rows, vocab)
             _ => logits,                          // (1, vocab)
         })
     }

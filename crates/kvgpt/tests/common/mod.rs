@@ -56,6 +56,7 @@ pub fn greedy(max_new_tokens: usize, use_cache: bool) -> GenerateOptions {
         stop: vec![],
         ignore_eos: true,
         use_cache,
+        logprobs: None,
     }
 }
 
