@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The kvgpt command line: `kvgpt generate` streams text to stdout (or prints one JSON object
-// with --json), or runs a file of prompts as one batch; `kvgpt bench` measures. Option ranges
-// are checked by the library, which says what is allowed.
+// with --json), or runs a file of prompts as one batch; `kvgpt perplexity` and `kvgpt score`
+// score text; `kvgpt bench` measures. Option ranges are checked by the library, which says what
+// is allowed.
 
 import { Command, InvalidArgumentError } from 'commander';
 import { readFileSync } from 'node:fs';
@@ -11,6 +12,7 @@ import { KvgptError } from './errors';
 import { availableParallelism } from 'node:os';
 import { formatTable, readResults, runBench, writeResults, type BenchOptions } from './bench';
 import { formatThroughput, runThroughput, writeThroughput } from './throughput';
+import { perplexity, score } from './perplexity';
 
 function num(name: string) {
   return (v: string): number => {
@@ -61,12 +63,13 @@ async function generate(prompt: string | undefined, flags: GenerateFlags): Promi
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort()); // Ctrl-C ends the generation, keeps the output
   const { model: _m, device: _d, dtype: _t, stop, kvCache, json: _j, prompts: _p, maxSequences: _s, maxStepTokens: _k, prefillChunk: _c, ...sampling } = flags;
+  // sampling also carries logprobs, which maps one to one.
   const options: GenerateOptions = { ...sampling, stop: stop.length ? stop : undefined, useCache: kvCache, signal: controller.signal };
   if (prompts) return generateMany(model, prompts, options, flags.json === true);
   prompt = prompt as string;
   if (flags.json) {
     const r = await model.generate(prompt, options);
-    process.stdout.write(JSON.stringify({ tokens: r.tokens, text: r.text, stopReason: r.stopReason, timings: r.timings }) + '\n');
+    process.stdout.write(JSON.stringify({ tokens: r.tokens, text: r.text, stopReason: r.stopReason, timings: r.timings, logprobs: r.logprobs }) + '\n');
     return;
   }
   const s = model.stream(prompt, options);
@@ -74,6 +77,10 @@ async function generate(prompt: string | undefined, flags: GenerateFlags): Promi
   const r = await s.result;
   const t = r.timings;
   process.stdout.write('\n');
+  for (const l of r.logprobs ?? []) {
+    const alts = l.top.map((a) => `${JSON.stringify(a.text)} ${a.logprob.toFixed(3)}`).join(', ');
+    process.stderr.write(`${l.logprob.toFixed(4).padStart(10)}  ${JSON.stringify(l.text)}${alts ? '   ' + alts : ''}\n`);
+  }
   process.stderr.write(
     `[${r.stopReason}] ${t.promptTokens} prompt + ${t.generatedTokens} new tokens; load ${t.loadMs.toFixed(0)} ms, ` +
       `prefill ${t.prefillMs.toFixed(1)} ms, ${t.perTokenMs.toFixed(2)} ms/token, ${t.tokensPerSecond.toFixed(1)} tokens/s\n`,
@@ -158,11 +165,43 @@ export function main(argv: string[]): Promise<void> {
     .option('--stop <str>', 'stop before this string (repeatable)', collect, [])
     .option('--ignore-eos', 'keep generating past the EOS token')
     .option('--no-kv-cache', 'recompute the whole sequence each step')
-    .option('--json', 'print one JSON object {tokens, text, stopReason, timings} (with --prompts: one line per prompt)')
+    .option('--logprobs <k>', "each new token's log-probability and the k most likely alternatives (0-20), on stderr or in the JSON", num('--logprobs'))
+    .option('--json', 'print one JSON object {tokens, text, stopReason, timings, logprobs} (with --prompts: one line per prompt)')
     .option('--max-sequences <n>', 'sequences the engine runs at once (default 32 on the CPU, 256 on CUDA)', num('--max-sequences'))
     .option('--max-step-tokens <n>', 'tokens one forward pass carries (default 512 on the CPU, 8192 on CUDA)', num('--max-step-tokens'))
     .option('--prefill-chunk <n>', 'prompt tokens one sequence reads per step (default 256 on the CPU, 512 on CUDA)', num('--prefill-chunk'))
     .action(generate);
+  const engineFlags = (c: Command) =>
+    c
+      .option('--max-sequences <n>', 'sequences the engine runs at once', num('--max-sequences'))
+      .option('--max-step-tokens <n>', 'tokens one forward pass carries', num('--max-step-tokens'))
+      .option('--prefill-chunk <n>', 'prompt tokens one sequence reads per step', num('--prefill-chunk'));
+  engineFlags(
+    program
+      .command('perplexity')
+      .description("the perplexity of a text file (mean NLL and tokens scored), in sliding windows as HF's perplexity guide")
+      .argument('<file>', "a UTF-8 text file ('-' reads standard input)")
+      .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
+      .option('--max-length <n>', "tokens a window holds (default: the model's context)", num('--max-length'))
+      .option('--stride <n>', 'tokens between window starts (default: --max-length, windows side by side)', num('--stride'))
+      .option('--add-bos', 'put the BOS token first so the first token is scored too')
+      .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
+      .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
+      .option('--json', 'print one JSON object {perplexity, nll, tokens, scored, windows, maxLength, stride, seconds, tokensPerSecond}')
+      .option('--no-progress', 'no progress bar'),
+  ).action(perplexity);
+  engineFlags(
+    program
+      .command('score')
+      .description('each token of TEXT with its log-probability given the ones before it')
+      .argument('<text>', 'the text to score')
+      .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
+      .option('--logprobs <k>', 'also show the k most likely tokens at each position (0-20)', num('--logprobs'))
+      .option('--add-bos', 'put the BOS token first so the first token is scored too')
+      .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
+      .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
+      .option('--json', 'print the whole result as one JSON object'),
+  ).action(score);
   program
     .command('bench')
     .description("the KV-cache experiment: greedy generation to total length L, cache on and off, beside the seed article's HF figures; with --concurrency, the batching engine's throughput")

@@ -5,6 +5,7 @@
 import type { NativeGenerateOptions } from '../index.js';
 import { optionTypeError } from './errors';
 import type { Timings } from './timing';
+import type { TokenLogprob } from './score';
 
 export interface GenerateOptions {
   /** New tokens at most: integer in [0, 1048576]. Default 50, or the checkpoint's max_new_tokens. Generation also stops at the model's context (n_positions). */
@@ -25,6 +26,13 @@ export interface GenerateOptions {
   ignoreEos?: boolean;
   /** false recomputes the whole sequence each step, as HF's use_cache=False. Default true. */
   useCache?: boolean;
+  /**
+   * Report each new token's log-probability and the k most likely alternatives, integer k in
+   * [0, 20]. They come from the model's logits before the repetition penalty, temperature,
+   * top-k and top-p (as OpenAI reports them), so they say what the model thought, not what the
+   * sampler drew from. Default: none computed (and on a GPU a greedy step copies back one id).
+   */
+  logprobs?: number;
   /** Aborting stops the generation within one step; the result so far is returned with stopReason 'aborted'. */
   signal?: AbortSignal;
 }
@@ -42,6 +50,8 @@ export interface GenerateResult {
   timings: Timings;
   /** Bytes of this generation's KV cache (0 with useCache false). */
   cacheBytes: number;
+  /** With the logprobs option: one per new token. */
+  logprobs?: TokenLogprob[];
 }
 
 export interface TokenChunk {
@@ -49,6 +59,8 @@ export interface TokenChunk {
   token: number;
   /** The text this token completes; '' while it is part of an unfinished character or held back for a stop string. */
   text: string;
+  /** With the logprobs option: its log-probability and the alternatives. */
+  logprob?: TokenLogprob;
 }
 
 type Kind = 'number' | 'boolean' | 'strings';
@@ -62,6 +74,7 @@ const KINDS: Record<keyof Omit<GenerateOptions, 'signal'>, Kind> = {
   stop: 'strings',
   ignoreEos: 'boolean',
   useCache: 'boolean',
+  logprobs: 'number',
 };
 export const OPTION_NAMES = [...Object.keys(KINDS), 'signal'];
 

@@ -7,6 +7,7 @@ import { requireBinding, requireCudaBinding } from './binding';
 import { fromNative, KvgptError, native, optionTypeError } from './errors';
 import { checkPrompt, toNativeOptions, type GenerateOptions, type GenerateResult, type StopReason, type TokenChunk } from './generate';
 import { deriveTimings } from './timing';
+import { logprobFromNative, scoreFromNative, tokenTexts, toNativeScoreOptions, type ScoreOptions, type ScoreResult } from './score';
 
 const cpuBinding = requireBinding();
 type Binding = typeof cpuBinding;
@@ -306,9 +307,10 @@ export class Gpt2 implements Disposable {
     let received = 0;
     let finished: { result?: GenerateResult; error?: unknown } | undefined;
     const cancel = new this.#binding.CancelToken();
+    const text = tokenTexts((ids) => this.#decodeOrEmpty(ids));
     const result = this.#run(prompt, options, (c) => {
       received++;
-      queue.push({ token: c.token, text: c.text });
+      queue.push(c.logprob ? { token: c.token, text: c.text, logprob: logprobFromNative(c.logprob, text) } : { token: c.token, text: c.text });
       wake?.();
     }, cancel);
     result.then(
@@ -350,7 +352,7 @@ export class Gpt2 implements Disposable {
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       const g = await native(() => this.#native.generate(p, nativeOptions, cancel, onToken));
-      return {
+      const result: GenerateResult = {
         text: g.text ?? '',
         tokens: g.tokens,
         promptTokens: g.promptTokens,
@@ -358,11 +360,83 @@ export class Gpt2 implements Disposable {
         timings: deriveTimings(g.timings, this.#info.loadMs),
         cacheBytes: g.cacheBytes,
       };
+      if (g.logprobs) {
+        const text = tokenTexts((ids) => this.#decodeOrEmpty(ids));
+        result.logprobs = g.logprobs.map((l) => logprobFromNative(l, text));
+      }
+      return result;
     } catch (e) {
       throw fromNative(e);
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }
+  }
+
+  /**
+   * Scores a text (or token ids): each token's log-probability given the ones before it, the
+   * mean negative log-likelihood (HF's `loss` with labels = input_ids) and the perplexity. A text
+   * longer than `maxLength` (default: the model's context) is read in sliding windows (see
+   * `ScoreOptions.stride`). Runs on the model's engine, batched with whatever else runs.
+   */
+  async score(text: string | readonly number[], options?: ScoreOptions): Promise<ScoreResult> {
+    return this.#score(text, options, new this.#binding.CancelToken());
+  }
+
+  /**
+   * Scores every text at once, batched, with the same options; resolves with the results in
+   * order. If one text fails (bad input), the others are aborted and the promise rejects with
+   * that error, its message prefixed with the text's index (`text 2: ...`).
+   */
+  async scoreBatch(texts: readonly (string | readonly number[])[], options?: ScoreOptions): Promise<ScoreResult[]> {
+    this.#check();
+    if (!Array.isArray(texts)) throw optionTypeError('scoreBatch takes an array of texts (strings or arrays of token ids)');
+    const checked = texts.map((t) => checkPrompt(t));
+    toNativeScoreOptions(options);
+    const cancels = checked.map(() => new this.#binding.CancelToken());
+    let failed = false;
+    const runs = checked.map((t, i) =>
+      this.#score(t, options, cancels[i]).catch((e: unknown) => {
+        if (!failed) {
+          failed = true;
+          for (const c of cancels) c.cancel();
+        }
+        const code = (e as { code?: string }).code;
+        if (e instanceof Error && code !== 'KVGPT_OPTION_RANGE' && code !== 'KVGPT_OPTION_TYPE' && code !== 'KVGPT_ABORTED') e.message = `text ${i}: ${e.message}`;
+        throw e;
+      }),
+    );
+    const settled = await Promise.allSettled(runs);
+    const rejected = settled.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+    // The first error that is not an abort the failure caused.
+    if (rejected.length) throw (rejected.find((r) => (r.reason as { code?: string }).code !== 'KVGPT_ABORTED') ?? rejected[0]).reason;
+    return settled.map((r) => (r as PromiseFulfilledResult<ScoreResult>).value);
+  }
+
+  async #score(text: string | readonly number[], options: ScoreOptions | undefined, cancel: InstanceType<Binding['CancelToken']>): Promise<ScoreResult> {
+    this.#check();
+    if (typeof text !== 'string' && !(Array.isArray(text) && text.every((x) => typeof x === 'number'))) {
+      throw optionTypeError('score takes a string or an array of token ids');
+    }
+    const nativeOptions = toNativeScoreOptions(options);
+    const onProgress = options?.onProgress;
+    const signal = options?.signal;
+    const onAbort = () => cancel.cancel();
+    if (signal?.aborted) cancel.cancel();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      const input = typeof text === 'string' ? text : [...text];
+      const s = await native(() => this.#native.score(input, nativeOptions, cancel, onProgress ? (p) => onProgress(p.scored, p.total) : undefined));
+      return scoreFromNative(s, tokenTexts((ids) => this.#decodeOrEmpty(ids)));
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Decodes ids, or '' for a model without a tokenizer. */
+  #decodeOrEmpty(ids: number[]): string {
+    return this.#info.hasTokenizer ? this.#native.decode(ids) : '';
   }
 
   /** Frees the weights (after running generations end); every later call throws KVGPT_DISPOSED. */

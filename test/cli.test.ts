@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { reference, TINY } from './helpers';
@@ -74,5 +74,68 @@ describe('kvgpt generate', () => {
     expect(kvgpt('generate', '-m', TINY, '--prompts', file, 'also a prompt').code).toBe(2);
     expect(kvgpt('generate', '-m', TINY).stderr).toMatch(/give one PROMPT or --prompts FILE/);
     rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+describe('kvgpt perplexity and kvgpt score', () => {
+  const SLIDING = join(__dirname, 'fixtures', 'sliding');
+  const sliding = JSON.parse(readFileSync(join(SLIDING, 'reference.json'), 'utf8'));
+  const text = join(SLIDING, 'text.txt');
+
+  it("--json prints HF's perplexity-guide figures for a file, at the default and a given stride", () => {
+    for (const c of sliding.cases.filter((c: { max_length: number }) => c.max_length === 128)) {
+      const r = kvgpt('perplexity', '-m', TINY, '--stride', String(c.stride), '--json', text);
+      expect(r.code, r.stderr).toBe(0);
+      const out = JSON.parse(r.stdout);
+      expect(Math.abs(out.nll - c.nll) / c.nll).toBeLessThan(1e-4);
+      expect(Math.abs(out.perplexity - c.perplexity) / c.perplexity).toBeLessThan(1e-3);
+      expect(out).toMatchObject({ tokens: sliding.input_ids.length, scored: c.scored, windows: c.windows, maxLength: 128, stride: c.stride });
+    }
+    const plain = kvgpt('perplexity', '-m', TINY, text);
+    const printed = /^perplexity ([\d.]+)\n$/.exec(plain.stdout);
+    expect(Math.abs(Number(printed![1]) - sliding.cases[0].perplexity) / sliding.cases[0].perplexity).toBeLessThan(1e-3);
+    expect(plain.stderr).toMatch(/mean NLL [\d.]+ nats over 546 scored tokens; 551 tokens in 5 window\(s\) of 128, stride 128; [\d.]+ s, [\d.]+ tokens\/s/);
+  });
+
+  it("'-' reads standard input; unreadable, non-UTF-8 and empty input and bad ranges are named errors", () => {
+    const p = ref.prompts[0] as unknown as { prompt: string; loss: number };
+    const piped = spawnSync(process.execPath, [CLI, 'perplexity', '-m', TINY, '--json', '-'], { input: p.prompt, encoding: 'utf8' });
+    expect(piped.status, piped.stderr).toBe(0);
+    expect(Math.abs(JSON.parse(piped.stdout).nll - p.loss)).toBeLessThan(1e-4);
+    const dir = mkdtempSync(join(tmpdir(), 'kvgpt-ppl-'));
+    writeFileSync(join(dir, 'latin1.txt'), Buffer.from([0x63, 0x61, 0x66, 0xe9, 0x0a]));
+    writeFileSync(join(dir, 'empty.txt'), '');
+    expect(kvgpt('perplexity', '-m', TINY, join(dir, 'latin1.txt'))).toMatchObject({ code: 1, stderr: expect.stringMatching(/latin1\.txt is not UTF-8 text .*KVGPT_INVALID_FILE/) });
+    expect(kvgpt('perplexity', '-m', TINY, join(dir, 'nope.txt'))).toMatchObject({ code: 1, stderr: expect.stringMatching(/cannot read .*nope\.txt: no such file .*KVGPT_FILE_NOT_FOUND/) });
+    expect(kvgpt('perplexity', '-m', TINY, dir)).toMatchObject({ code: 1, stderr: expect.stringMatching(/it is a directory/) });
+    expect(kvgpt('perplexity', '-m', TINY, join(dir, 'empty.txt'))).toMatchObject({ code: 1, stderr: expect.stringMatching(/nothing to score: the text is empty.*KVGPT_INVALID_INPUT/) });
+    expect(kvgpt('perplexity', '-m', TINY, '--stride', '0', text)).toMatchObject({ code: 2, stderr: expect.stringMatching(/stride must be an integer in \[1, maxLength = 128\]/) });
+    expect(kvgpt('perplexity', '-m', TINY, '--max-length', '4096', text)).toMatchObject({ code: 2, stderr: expect.stringMatching(/maxLength must be an integer in \[2, 128\]/) });
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('score shows each token with its log-probability; --json gives the whole result', () => {
+    const p = ref.prompts[0] as unknown as { prompt: string; input_ids: number[]; loss: number };
+    const r = kvgpt('score', '-m', TINY, '--logprobs', '2', '--json', p.prompt);
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout);
+    expect(out.ids).toEqual(p.input_ids);
+    expect(Math.abs(out.nll - p.loss)).toBeLessThan(1e-4);
+    expect(out.tokens).toHaveLength(p.input_ids.length - 1);
+    expect(out.tokens[0]).toMatchObject({ position: 1, token: p.input_ids[1], top: [expect.any(Object), expect.any(Object)] });
+    const plain = kvgpt('score', '-m', TINY, p.prompt);
+    const lines = plain.stdout.trim().split('\n');
+    expect(lines[0]).toBe('"Hello"  (context)');
+    expect(lines.slice(1).map((l) => l.trim().split(/\s+/)[1])).toEqual(p.input_ids.slice(1).map(String));
+    expect(plain.stderr).toMatch(/perplexity [\d.]+, mean NLL [\d.]+ nats over 5 tokens/);
+  });
+
+  it('generate --logprobs adds them to --json and lists them on stderr', () => {
+    const r = kvgpt('generate', '-m', TINY, '-n', '4', '--ignore-eos', '--logprobs', '2', '--json', 'Hello');
+    const out = JSON.parse(r.stdout);
+    expect(out.logprobs).toHaveLength(4);
+    expect(out.logprobs.map((l: { token: number }) => l.token)).toEqual(out.tokens);
+    const plain = kvgpt('generate', '-m', TINY, '-n', '4', '--ignore-eos', '--logprobs', '1', 'Hello');
+    expect(plain.stderr.split('\n').filter((l) => /^\s+-[\d.]+ {2}"/.test(l))).toHaveLength(4);
   });
 });

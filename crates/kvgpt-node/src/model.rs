@@ -2,9 +2,12 @@
 //! sessions), `loadModel`, and `CancelToken`, the flag an AbortSignal sets.
 
 use crate::error::{to_napi, IntoNapi};
-use crate::options::{NativeGenerateOptions, NativeLoadOptions};
+use crate::options::{NativeGenerateOptions, NativeLoadOptions, NativeScoreOptions};
 use crate::session::NativeSession;
-use crate::tasks::{generation_to_js, BandwidthTask, LoadTask, NativeGeneration, RandomTask, TokenCallback, NativeTokenChunk};
+use crate::tasks::{
+    generation_to_js, logprob_to_js, score_to_js, BandwidthTask, LoadTask, NativeGeneration, NativeScore, NativeScoreProgress, NativeTokenChunk, ProgressCallback,
+    RandomTask, TokenCallback,
+};
 use kvgpt::{Engine, Error, Job, Model, Prompt};
 use napi::bindgen_prelude::{AsyncTask, Either, Object};
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -234,7 +237,8 @@ impl NativeModel {
         let (deferred, promise) = env.create_deferred::<NativeGeneration, Box<dyn FnOnce(Env) -> napi::Result<NativeGeneration>>>()?;
         let on_token = on_token.map(|cb| {
             Box::new(move |e: kvgpt::TokenEvent<'_>| {
-                cb.call(NativeTokenChunk { token: e.token, text: e.text.to_string() }, ThreadsafeFunctionCallMode::NonBlocking);
+                let logprob = e.logprob.map(logprob_to_js);
+                cb.call(NativeTokenChunk { token: e.token, text: e.text.to_string(), logprob }, ThreadsafeFunctionCallMode::NonBlocking);
             }) as Box<dyn FnMut(kvgpt::TokenEvent<'_>) + Send>
         });
         let on_done = Box::new(move |r: kvgpt::Result<kvgpt::Generation>| match r {
@@ -242,6 +246,38 @@ impl NativeModel {
             Err(e) => deferred.reject(to_napi(e)),
         });
         engine.submit(Job::Generate { prompt, options: opts, abort: cancel.flag.clone(), on_token, on_done }).napi()?;
+        Ok(promise)
+    }
+
+    /// Queues a text (or ids) to score on the model's engine: each token's log-probability,
+    /// the mean NLL and the perplexity. Options are checked here; the text when it is admitted.
+    #[napi(ts_return_type = "Promise<NativeScore>")]
+    pub fn score<'env>(
+        &self,
+        env: &'env Env,
+        text: Either<String, Vec<f64>>,
+        options: Option<NativeScoreOptions>,
+        cancel: &CancelToken,
+        #[napi(ts_arg_type = "((progress: NativeScoreProgress) => void) | undefined | null")] on_progress: Option<ProgressCallback>,
+    ) -> napi::Result<Object<'env>> {
+        let Loaded { model, engine } = loaded(&self.inner)?;
+        let options = options.unwrap_or_default().resolve().napi()?;
+        options.resolve(model.config().n_positions).napi()?;
+        let text = match text {
+            Either::A(text) => Prompt::Text(text),
+            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
+        };
+        let (deferred, promise) = env.create_deferred::<NativeScore, Box<dyn FnOnce(Env) -> napi::Result<NativeScore>>>()?;
+        let on_progress = on_progress.map(|cb| {
+            Box::new(move |scored: usize, total: usize| {
+                cb.call(NativeScoreProgress { scored: scored as u32, total: total as u32 }, ThreadsafeFunctionCallMode::NonBlocking);
+            }) as Box<dyn FnMut(usize, usize) + Send>
+        });
+        let on_done = Box::new(move |r: kvgpt::Result<kvgpt::Score>| match r {
+            Ok(s) => deferred.resolve(Box::new(move |_| Ok(score_to_js(s)))),
+            Err(e) => deferred.reject(to_napi(e)),
+        });
+        engine.submit(Job::Score { text, options, abort: cancel.flag.clone(), on_progress, on_done }).napi()?;
         Ok(promise)
     }
 

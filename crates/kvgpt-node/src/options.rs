@@ -28,6 +28,36 @@ pub struct NativeGenerateOptions {
     pub ignore_eos: Option<bool>,
     /// false recomputes the whole sequence each step (HF use_cache=False); default true.
     pub use_cache: Option<bool>,
+    /// Each new token's log-probability and the k most likely alternatives, integer k in
+    /// [0, 20]; from the model's logits before the repetition penalty, temperature, top-k and
+    /// top-p. Default: none computed.
+    pub logprobs: Option<f64>,
+}
+
+/// Options of `score`.
+#[napi(object)]
+#[derive(Default)]
+pub struct NativeScoreOptions {
+    /// Tokens one window holds; integer in [2, n_positions]; default n_positions.
+    pub max_length: Option<f64>,
+    /// Tokens between window starts; integer in [1, maxLength]; default maxLength.
+    pub stride: Option<f64>,
+    /// The k most likely tokens at each scored position; integer in [0, 20]; default 0.
+    pub logprobs: Option<f64>,
+    /// Put the BOS token before the text, so its first token is scored too; default false.
+    pub add_bos: Option<bool>,
+}
+
+impl NativeScoreOptions {
+    pub fn resolve(&self) -> kvgpt::Result<kvgpt::ScoreOptions> {
+        let int = |name, v: Option<f64>| v.map(|v| whole(name, v, u32::MAX as f64).map(|v| v as usize)).transpose();
+        Ok(kvgpt::ScoreOptions {
+            max_length: int("maxLength", self.max_length)?,
+            stride: int("stride", self.stride)?,
+            logprobs: int("logprobs", self.logprobs)?.unwrap_or(0),
+            add_bos: self.add_bos.unwrap_or(false),
+        })
+    }
 }
 
 /// A JS number that must be a whole number in `0..=max`.
@@ -68,6 +98,9 @@ impl NativeGenerateOptions {
         }
         if let Some(v) = self.use_cache {
             o.use_cache = v;
+        }
+        if let Some(v) = self.logprobs {
+            o.logprobs = Some(whole("logprobs", v, u32::MAX as f64)? as usize);
         }
         o.validate()?;
         Ok(o)

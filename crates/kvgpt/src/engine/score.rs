@@ -166,10 +166,9 @@ impl<'c> Scoring<'c> {
                 ids.insert(0, bos);
             }
             if ids.len() < 2 {
+                let what = if ids.is_empty() { "the text is empty".to_string() } else { format!("the text is one token ({})", ids[0]) };
                 return Err(Error::InvalidInput(format!(
-                    "nothing to score: the text is {} token{}, and a token is scored given the ones before it (give at least 2, or set addBos)",
-                    ids.len(),
-                    if ids.len() == 1 { "" } else { "s" }
+                    "nothing to score: {what}, and a token is scored given the ones before it (give at least 2 tokens, or set addBos to score the first one after BOS)"
                 )));
             }
             model.check_ids(&ids)?;
