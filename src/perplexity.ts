@@ -52,9 +52,21 @@ export function readTextFile(path: string): string {
   }
 }
 
+/**
+ * The engine's limits for scoring alone: unless given, a window is read in one pass (a chunk of
+ * maxLength, or 1024 tokens), which on the CPU runs 1.2-1.5x faster than the default 256-token
+ * chunks that keep a generation's next tokens coming beside a long prompt.
+ */
+function scoringLoadOptions(f: PerplexityFlags): LoadOptions {
+  const o = loadOptions(f);
+  if (o.prefillChunk === undefined) o.prefillChunk = Math.min(f.maxLength ?? 1024, f.maxStepTokens ?? Infinity);
+  if (o.maxStepTokens === undefined) o.maxStepTokens = Math.max(o.prefillChunk, f.maxSequences ?? 0, 512);
+  return o;
+}
+
 export async function perplexity(file: string, flags: PerplexityFlags): Promise<void> {
   const text = readTextFile(file);
-  const model = await Gpt2.load(flags.model, loadOptions(flags));
+  const model = await Gpt2.load(flags.model, scoringLoadOptions(flags));
   const controller = new AbortController();
   process.once('SIGINT', () => controller.abort());
   const bar = flags.progress && process.stderr.isTTY ? new SingleBar({ format: ' {bar} {percentage}% | {value}/{total} tokens | {eta_formatted} left', etaBuffer: 50, stream: process.stderr }, Presets.shades_classic) : undefined;

@@ -373,7 +373,9 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                     self.record(&runs, rows, ms(start));
                     self.st().sync_ms += sync_ms;
                     let t0 = Instant::now();
-                    let sampled = with_host_rows(step.logits.as_ref(), host.as_deref(), |h| self.sample(&runs, &step, h));
+                    let vocab = self.model.config().vocab_size;
+                    let copied = host.as_ref().map(|(data, slots)| (data.as_slice(), slots.as_slice()));
+                    let sampled = with_host_rows(step.logits.as_ref(), copied, vocab, |h| self.sample(&runs, &step, h));
                     if let Err(e) = sampled {
                         for r in &runs {
                             self.fail(r.idx, e.duplicate());
@@ -640,10 +642,11 @@ impl<'m, 'c> Scheduler<'m, 'c> {
     }
 
     /// The forward pass of a step: each run's session borrowed (feeds' locked), its ids run,
-    /// and on success committed. Returns the logits and, off the CPU when a row is sampled or
-    /// wants log-probabilities, the logits copied to the host; the rows run; the wait for the
-    /// device.
-    fn run(&mut self, runs: &[Run]) -> Result<(StepLogits, Option<Vec<f32>>, usize, f64)> {
+    /// and on success committed. Returns the logits and, off the CPU, the rows that sequences
+    /// sample from or report log-probabilities of, copied to the host with each step row's
+    /// place among them (`u32::MAX`: not copied); the rows run; the wait for the device.
+    #[allow(clippy::type_complexity)]
+    fn run(&mut self, runs: &[Run]) -> Result<(StepLogits, Option<(Vec<f32>, Vec<u32>)>, usize, f64)> {
         let gpt2 = self.model.gpt2();
         let mut slots: Vec<Option<&mut Active<'m, 'c>>> = self.active.iter_mut().map(Some).collect();
         let mut parts: Vec<(SessionAccess<'_>, Pass, Vec<u32>, Logits)> = Vec::with_capacity(runs.len());
@@ -668,11 +671,25 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             session.commit(new);
         }
         drop(parts);
-        let needs_host = step.logits.as_ref().is_some_and(|l| {
-            !l.device().is_cpu() && runs.iter().any(|r| r.logits != Logits::Skip && self.samples(r.idx))
-        });
-        let host = match (&step.logits, needs_host) {
-            (Some(l), true) => Some(l.flatten_all()?.to_vec1::<f32>()?),
+        let host = match &step.logits {
+            Some(l) if !l.device().is_cpu() => {
+                let wanted: Vec<u32> = runs
+                    .iter()
+                    .zip(&step.rows)
+                    .filter(|(r, _)| r.logits != Logits::Skip && self.samples(r.idx))
+                    .flat_map(|(_, rows)| rows.clone().map(|r| r as u32))
+                    .collect();
+                if wanted.is_empty() {
+                    None
+                } else {
+                    let mut slots = vec![u32::MAX; l.dim(0)?];
+                    for (i, &r) in wanted.iter().enumerate() {
+                        slots[r as usize] = i as u32;
+                    }
+                    let data = l.index_select(&Tensor::new(wanted.as_slice(), l.device())?, 0)?.flatten_all()?.to_vec1::<f32>()?;
+                    Some((data, slots))
+                }
+            }
             _ => None,
         };
         Ok((step, host, rows, sync_ms))
@@ -713,9 +730,8 @@ impl<'m, 'c> Scheduler<'m, 'c> {
 
     /// Each sequence whose pending ids all ran takes its next token (a feed ends with it); a
     /// text being scored takes its targets' log-probabilities.
-    fn sample(&mut self, runs: &[Run], step: &StepLogits, host: Option<&[f32]>) -> Result<()> {
-        let vocab = self.model.config().vocab_size;
-        self.take_scores(runs, step, host)?;
+    fn sample(&mut self, runs: &[Run], step: &StepLogits, host: Option<HostRows<'_>>) -> Result<()> {
+        self.take_scores(runs, step, host.and_then(|h| h.all()))?;
         let rows: Vec<(usize, usize)> = runs
             .iter()
             .zip(&step.rows)
@@ -726,17 +742,18 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             return Ok(());
         }
         let logits = step.logits.as_ref().ok_or_else(|| Error::InvalidInput("the step returned no logits".into()))?;
-        // Off the CPU the argmax of every row runs on the device and only the ids cross.
-        let device_argmax: Option<Vec<u32>> = match host {
-            Some(_) => None,
-            None => Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
+        // Off the CPU the argmax of rows left on the device runs there and only the ids cross.
+        let device_argmax: Option<Vec<u32>> = match rows.iter().any(|&(_, row)| host.and_then(|h| h.row(row)).is_none()) {
+            true => Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
+            false => None,
         };
         let model = self.model;
         for (idx, row) in rows {
-            let greedy = match (host, &device_argmax) {
-                (Some(h), _) => argmax(&h[row * vocab..(row + 1) * vocab]),
+            let row_logits = host.and_then(|h| h.row(row));
+            let greedy = match (row_logits, &device_argmax) {
+                (Some(l), _) => argmax(l),
                 (None, Some(ids)) => ids[row],
-                (None, None) => unreachable!("one of the two is computed"),
+                (None, None) => unreachable!("computed for every row without host logits"),
             };
             let a = &mut self.active[idx];
             let outcome = match &mut a.work {
@@ -745,7 +762,6 @@ impl<'m, 'c> Scheduler<'m, 'c> {
                 Work::Generate(g) => {
                     let Seq::Owned(session) = &a.seq else { unreachable!("a generation owns its session") };
                     let t0 = Instant::now();
-                    let row_logits = host.map(|h| &h[row * vocab..(row + 1) * vocab]);
                     let token = match (row_logits, g.plain_greedy) {
                         (Some(l), false) => g.sampler.sample(&mut l.to_vec(), session.tokens()),
                         _ => greedy,
@@ -900,14 +916,43 @@ impl<'m, 'c> Scheduler<'m, 'c> {
     }
 }
 
-/// A step's logits as host floats: the CPU tensor's own storage (read in place), or the copy
-/// that `run` made off the CPU.
-fn with_host_rows<R>(logits: Option<&Tensor>, copied: Option<&[f32]>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
-    let Some(l) = logits.filter(|l| l.device().is_cpu()) else { return f(copied) };
+/// Rows of a step's logits on the host: on the CPU all of them, read in place; off it, the rows
+/// that `run` copied (`slots[row]`: the row's place in `data`, `u32::MAX` if it stayed on the
+/// device).
+#[derive(Clone, Copy)]
+struct HostRows<'a> {
+    data: &'a [f32],
+    vocab: usize,
+    slots: Option<&'a [u32]>,
+}
+
+impl<'a> HostRows<'a> {
+    fn row(&self, r: usize) -> Option<&'a [f32]> {
+        let i = match self.slots {
+            None => r,
+            Some(slots) => match slots.get(r) {
+                Some(&i) if i != u32::MAX => i as usize,
+                _ => return None,
+            },
+        };
+        self.data.get(i * self.vocab..(i + 1) * self.vocab)
+    }
+
+    /// Every row, when all are here (the CPU).
+    fn all(&self) -> Option<&'a [f32]> {
+        self.slots.is_none().then_some(self.data)
+    }
+}
+
+/// Calls `f` with the step's host rows: the CPU tensor's own storage, or the copy `run` made.
+fn with_host_rows<R>(logits: Option<&Tensor>, copied: Option<(&[f32], &[u32])>, vocab: usize, f: impl FnOnce(Option<HostRows<'_>>) -> Result<R>) -> Result<R> {
+    let Some(l) = logits.filter(|l| l.device().is_cpu()) else {
+        return f(copied.map(|(data, slots)| HostRows { data, vocab, slots: Some(slots) }));
+    };
     let (storage, layout) = l.storage_and_layout();
     let (start, end) = layout.contiguous_offsets().ok_or_else(|| Error::internal("the step's logits are not contiguous"))?;
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(Some(&v[start..end])),
+        Storage::Cpu(CpuStorage::F32(v)) => f(Some(HostRows { data: &v[start..end], vocab, slots: None })),
         _ => Err(Error::internal("the step's logits are not f32")),
     }
 }
