@@ -14,7 +14,7 @@ function kvgpt(...args: string[]) {
 }
 
 describe('kvgpt generate', () => {
-  it('--json prints the 40 reference ids (the README main command)', () => {
+  it('--json prints the 40 reference ids (the README parity command)', () => {
     const r = kvgpt('generate', '--model', TINY, '--max-new-tokens', '40', '--ignore-eos', '--json', 'Hello, my dog is cute');
     expect(r.code).toBe(0);
     const out = JSON.parse(r.stdout);

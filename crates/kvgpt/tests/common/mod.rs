@@ -15,6 +15,14 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
+/// models/<name>, the models bundled with the repository (or under KVGPT_MODELS).
+pub fn bundled(name: &str) -> PathBuf {
+    match std::env::var_os("KVGPT_MODELS") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models").join(name),
+    }
+}
+
 /// The device the model tests run on: KVGPT_TEST_DEVICE ('cpu', 'cuda', 'auto'), CPU when unset.
 /// `KVGPT_TEST_DEVICE=cuda cargo test --features cuda` runs the parity suite on a GPU.
 pub fn test_device() -> DeviceKind {
