@@ -13,6 +13,33 @@ import { availableParallelism } from 'node:os';
 import { formatTable, readResults, runBench, writeResults, type BenchOptions } from './bench';
 import { formatThroughput, runThroughput, writeThroughput } from './throughput';
 import { perplexity, score } from './perplexity';
+import { serve } from './server';
+
+interface ServeFlags extends EngineFlags {
+  model: string;
+  host: string;
+  port: number;
+  device: Device;
+  dtype: DType;
+  apiKey?: string;
+  shutdownTimeout: number;
+}
+
+/** Serves until SIGINT or SIGTERM, then lets running requests finish (up to --shutdown-timeout) and exits 0. */
+async function serveCommand(flags: ServeFlags): Promise<void> {
+  const { model, host, port, device, dtype, apiKey, shutdownTimeout, ...engine } = flags;
+  const server = await serve(model, { host, port, device, dtype, apiKey: apiKey ?? process.env.KVGPT_API_KEY, ...engine });
+  process.stderr.write(`kvgpt serve: ${server.model.info.dir} on ${server.url} (POST /v1/completions, GET /v1/models, GET /health)\n`);
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string) => {
+      process.stderr.write(`kvgpt serve: ${signal}: finishing running requests (at most ${shutdownTimeout} s)\n`);
+      server.close(shutdownTimeout * 1000).then(resolve, resolve);
+    };
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.once('SIGTERM', () => stop('SIGTERM'));
+  });
+  server.model.dispose();
+}
 
 function num(name: string) {
   return (v: string): number => {
@@ -176,6 +203,18 @@ export function main(argv: string[]): Promise<void> {
       .option('--max-sequences <n>', 'sequences the engine runs at once', num('--max-sequences'))
       .option('--max-step-tokens <n>', 'tokens one forward pass carries', num('--max-step-tokens'))
       .option('--prefill-chunk <n>', 'prompt tokens one sequence reads per step', num('--prefill-chunk'));
+  engineFlags(
+    program
+      .command('serve')
+      .description('an OpenAI-compatible completions server: POST /v1/completions, GET /v1/models, GET /health')
+      .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
+      .option('--host <host>', 'address to listen on', '127.0.0.1')
+      .option('--port <n>', 'port (0 picks a free one)', num('--port'), 8080)
+      .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
+      .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
+      .option('--api-key <key>', 'require Authorization: Bearer KEY (default: $KVGPT_API_KEY, else none)')
+      .option('--shutdown-timeout <s>', 'on SIGINT/SIGTERM, seconds to let running requests finish', num('--shutdown-timeout'), 30),
+  ).action(serveCommand);
   engineFlags(
     program
       .command('perplexity')

@@ -3,3 +3,9 @@ export type { GenerateOptions, GenerateResult, StopReason, TokenChunk } from './
 export type { Timings } from './timing';
 export { KvgptError, type KvgptErrorCode } from './errors';
 export type { ScoreOptions, ScoreResult, ScoredToken, ScoreTimings, Logprob, TokenLogprob } from './score';
+export type { ServeOptions, Server } from './server';
+import type { serve as Serve } from './server';
+/** Starts an OpenAI-compatible completions server (see `kvgpt serve`); Fastify loads only when called. */
+export async function serve(...args: Parameters<typeof Serve>): ReturnType<typeof Serve> {
+  return (await import('./server')).serve(...args);
+}

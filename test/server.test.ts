@@ -1,0 +1,141 @@
+// `kvgpt serve` through the official `openai` client and raw HTTP, on the tiny fixture.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import OpenAI from 'openai';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { Gpt2, serve, type Server } from '../src';
+import { reference, TINY } from './helpers';
+
+const ref = reference(TINY);
+let server: Server;
+let client: OpenAI;
+let model: Gpt2;
+
+beforeAll(async () => {
+  model = await Gpt2.load(TINY);
+  server = await serve(model, { port: 0, apiKey: 'sk-test' });
+  client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'sk-test', maxRetries: 0 });
+});
+afterAll(async () => {
+  await server.close();
+  model.dispose();
+});
+
+const post = (path: string, body: string, headers: Record<string, string> = {}) =>
+  fetch(`${server.url}${path}`, { method: 'POST', body, headers: { 'content-type': 'application/json', authorization: 'Bearer sk-test', ...headers } });
+
+describe('kvgpt serve with the openai client', () => {
+  it('completes as the library does: greedy text, usage, finish_reason', async () => {
+    const p = ref.prompts[0];
+    const r = await client.completions.create({ model: 'tiny-gpt2', prompt: p.prompt, max_tokens: 40, temperature: 0, ignore_eos: true } as never);
+    expect(r.object).toBe('text_completion');
+    expect(r.choices[0].text).toBe(p.greedy_text.slice(p.prompt.length));
+    expect(r.choices[0].finish_reason).toBe('length');
+    expect(r.usage).toEqual({ prompt_tokens: p.input_ids.length, completion_tokens: 40, total_tokens: p.input_ids.length + 40 });
+    expect((await client.models.list()).data.map((m) => m.id)).toEqual(['tiny-gpt2']);
+  });
+
+  it('streams the same text as server-sent events ending with [DONE]', async () => {
+    const p = ref.prompts[1];
+    const stream = await client.completions.create({ model: 'tiny-gpt2', prompt: p.prompt, max_tokens: 40, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true } } as never) as unknown as AsyncIterable<OpenAI.Completion>;
+    let text = '';
+    let finish: string | null = null;
+    let usage: OpenAI.CompletionUsage | undefined;
+    for await (const c of stream) {
+      for (const ch of c.choices) {
+        text += ch.text;
+        finish = ch.finish_reason ?? finish;
+      }
+      usage = c.usage ?? usage;
+    }
+    expect(text).toBe(p.greedy_text.slice(p.prompt.length));
+    expect(finish).toBe('length');
+    expect(usage?.completion_tokens).toBe(40);
+  });
+
+  it('several prompts, n, seed, stop and logprobs', async () => {
+    const prompts = [ref.prompts[0].prompt, ref.prompts[2].prompt];
+    const body = { model: 'tiny-gpt2', prompt: prompts, n: 2, max_tokens: 12, temperature: 0.9, seed: 5, logprobs: 3 };
+    const a = await client.completions.create(body);
+    const b = await client.completions.create(body);
+    expect(a.choices.map((c) => c.index)).toEqual([0, 1, 2, 3]);
+    expect(a.choices.map((c) => c.text)).toEqual(b.choices.map((c) => c.text));
+    expect(a.choices[0].text).not.toBe(a.choices[1].text); // choice i draws with seed + i
+    // The same draw as the library with that seed.
+    const lib = await model.generate(prompts[1], { maxNewTokens: 12, temperature: 0.9, seed: 5 + 3 });
+    expect(a.choices[3].text).toBe(lib.text);
+    const lp = a.choices[0].logprobs!;
+    expect(lp.tokens).toHaveLength(lp.token_logprobs!.length);
+    expect(Object.keys(lp.top_logprobs![0]!).length).toBeLessThanOrEqual(3);
+    expect(lp.token_logprobs!.every((x) => x! <= 0)).toBe(true);
+    const stopped = await client.completions.create({ model: 'tiny-gpt2', prompt: ref.prompts[0].prompt, max_tokens: 40, temperature: 0, stop: [' Gould'], ignore_eos: true } as never);
+    expect(stopped.choices[0]).toMatchObject({ text: ' guides meg obedient obedient 157 prof Objective tips Downloads', finish_reason: 'stop' });
+    const echo = await client.completions.create({ model: 'tiny-gpt2', prompt: 'Hello, my dog', max_tokens: 3, temperature: 0, echo: true, logprobs: 1 });
+    expect(echo.choices[0].text.startsWith('Hello, my dog')).toBe(true);
+    expect(echo.choices[0].logprobs!.token_logprobs![0]).toBeNull();
+  });
+
+  it('errors arrive as the client error classes', async () => {
+    await expect(client.completions.create({ model: 'tiny-gpt2', prompt: 'x', max_tokens: 2, frequency_penalty: 1 } as never)).rejects.toBeInstanceOf(OpenAI.BadRequestError);
+    const bad = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'sk-wrong', maxRetries: 0 });
+    await expect(bad.completions.create({ model: 'tiny-gpt2', prompt: 'x' })).rejects.toBeInstanceOf(OpenAI.AuthenticationError);
+    await expect(client.chat.completions.create({ model: 'tiny-gpt2', messages: [{ role: 'user', content: 'hi' }] })).rejects.toBeInstanceOf(OpenAI.BadRequestError);
+    await expect(client.completions.create({ model: 'tiny-gpt2', prompt: 'word '.repeat(200) })).rejects.toMatchObject({ status: 400, code: 'context_length_exceeded' });
+  });
+});
+
+describe('kvgpt serve over raw HTTP', () => {
+  it('answers bad input with OpenAI error objects and the right status', async () => {
+    const cases: [string, Response, number, RegExp][] = [
+      ['invalid JSON', await post('/v1/completions', '{"prompt": '), 400, /could not parse the JSON body/],
+      ['unknown field', await post('/v1/completions', JSON.stringify({ prompt: 'x', best_of: 2 })), 400, /Unrecognized request argument supplied: best_of/],
+      ['wrong type', await post('/v1/completions', JSON.stringify({ prompt: 'x', max_tokens: 'ten' })), 400, /max_tokens/],
+      ['out of range', await post('/v1/completions', JSON.stringify({ prompt: 'x', top_p: 2 })), 400, /topP must be in \(0, 1\]/],
+      ['id outside the vocabulary', await post('/v1/completions', JSON.stringify({ prompt: [1, 99999] })), 400, /outside the vocabulary/],
+      ['body over the limit', await post('/v1/completions', JSON.stringify({ prompt: 'x'.repeat(2 << 20) })), 413, /over 1048576 bytes/],
+      ['no API key', await fetch(`${server.url}/v1/models`), 401, /Missing API key/],
+      ['unknown route', await fetch(`${server.url}/v2/nothing`, { headers: { authorization: 'Bearer sk-test' } }), 404, /Unknown request URL/],
+    ];
+    for (const [what, res, status, message] of cases) {
+      expect(res.status, what).toBe(status);
+      const body = await res.json();
+      expect(body.error.message, what).toMatch(message);
+      expect(typeof body.error.type, what).toBe('string');
+    }
+    // /health needs no key.
+    expect(await (await fetch(`${server.url}/health`)).json()).toEqual({ status: 'ok', model: 'tiny-gpt2' });
+  });
+
+  it('a client that disconnects mid-stream frees its sequence', async () => {
+    const ac = new AbortController();
+    const res = await post('/v1/completions', JSON.stringify({ prompt: 'Hello', max_tokens: 100000, ignore_eos: true, stream: true }), {});
+    const reader = res.body!.getReader();
+    await reader.read(); // the first event
+    const before = model.engineStats();
+    expect(before.active).toBe(1);
+    await reader.cancel();
+    ac.abort();
+    for (let i = 0; i < 100 && model.engineStats().active > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(model.engineStats().active).toBe(0);
+  });
+});
+
+describe('kvgpt serve (the command)', () => {
+  it('serves until SIGTERM, then exits 0', async () => {
+    const child = spawn(process.execPath, [join(__dirname, '..', 'dist', 'cli.js'), 'serve', '--model', TINY, '--port', '0'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    const url = await new Promise<string>((resolve, reject) => {
+      child.stderr.on('data', (d) => {
+        err += d;
+        const m = / on (http:\/\/\S+) /.exec(err);
+        if (m) resolve(m[1]);
+      });
+      child.on('exit', () => reject(new Error(err)));
+    });
+    const r = await fetch(`${url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: ref.prompts[0].prompt, max_tokens: 5, temperature: 0 }) });
+    expect((await r.json()).choices[0].text).toBe(ref.prompts[0].greedy_text.slice(ref.prompts[0].prompt.length).split(' ').slice(0, 6).join(' '));
+    child.kill('SIGTERM');
+    const code = await new Promise((resolve) => child.on('exit', resolve));
+    expect(code).toBe(0);
+  });
+});
