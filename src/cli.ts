@@ -22,14 +22,15 @@ interface ServeFlags extends EngineFlags {
   device: Device;
   dtype: DType;
   apiKey?: string;
+  maxQueue?: number;
   shutdownTimeout: number;
 }
 
 /** Serves until SIGINT or SIGTERM, then lets running requests finish (up to --shutdown-timeout) and exits 0. */
 async function serveCommand(flags: ServeFlags): Promise<void> {
-  const { model, host, port, device, dtype, apiKey, shutdownTimeout, ...engine } = flags;
-  const server = await serve(model, { host, port, device, dtype, apiKey: apiKey ?? process.env.KVGPT_API_KEY, ...engine });
-  process.stderr.write(`kvgpt serve: ${server.model.info.dir} on ${server.url} (POST /v1/completions, GET /v1/models, GET /health)\n`);
+  const { model, host, port, device, dtype, apiKey, maxQueue, shutdownTimeout, ...engine } = flags;
+  const server = await serve(model, { host, port, device, dtype, apiKey: apiKey ?? process.env.KVGPT_API_KEY, maxQueue, ...engine });
+  process.stderr.write(`kvgpt serve: ${server.model.info.dir} on ${server.url} (POST /v1/completions, GET /v1/models, GET /health, GET /metrics)\n`);
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       process.stderr.write(`kvgpt serve: ${signal}: finishing running requests (at most ${shutdownTimeout} s)\n`);
@@ -206,13 +207,14 @@ export function main(argv: string[]): Promise<void> {
   engineFlags(
     program
       .command('serve')
-      .description('an OpenAI-compatible completions server: POST /v1/completions, GET /v1/models, GET /health')
+      .description('an OpenAI-compatible completions server: POST /v1/completions, GET /v1/models, GET /health, GET /metrics')
       .requiredOption('-m, --model <dir|id>', 'model directory or Hugging Face hub id')
       .option('--host <host>', 'address to listen on', '127.0.0.1')
       .option('--port <n>', 'port (0 picks a free one)', num('--port'), 8080)
       .option('--device <device>', "'cpu', 'cuda' or 'auto'", 'cpu')
       .option('--dtype <dtype>', "weights dtype: 'f32', 'f16', 'bf16' or 'q8_0'", 'f32')
       .option('--api-key <key>', 'require Authorization: Bearer KEY (default: $KVGPT_API_KEY, else none)')
+      .option('--max-queue <n>', 'sequences that may wait beyond --max-sequences before requests get 429 (default 1024)', num('--max-queue'))
       .option('--shutdown-timeout <s>', 'on SIGINT/SIGTERM, seconds to let running requests finish', num('--shutdown-timeout'), 30),
   ).action(serveCommand);
   engineFlags(

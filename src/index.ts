@@ -7,5 +7,5 @@ export type { ServeOptions, Server } from './server';
 import type { serve as Serve } from './server';
 /** Starts an OpenAI-compatible completions server (see `kvgpt serve`); Fastify loads only when called. */
 export async function serve(...args: Parameters<typeof Serve>): ReturnType<typeof Serve> {
-  return (await import('./server')).serve(...args);
+  return (await import('./server.js')).serve(...args);
 }

@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { Gpt2, type LoadOptions } from './model';
 import type { GenerateOptions, GenerateResult, StopReason, TokenChunk } from './generate';
 import type { TokenLogprob } from './score';
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 
 export interface ServeOptions {
   /** Address to listen on; default 127.0.0.1. */
@@ -20,6 +21,11 @@ export interface ServeOptions {
   modelName?: string;
   /** Largest request body in bytes; default 1 MiB (413 beyond). */
   bodyLimit?: number;
+  /**
+   * Sequences (prompts x n) that may wait for a place beyond the engine's `maxSequences`; a
+   * request that would exceed it gets 429 with Retry-After. Default 1024.
+   */
+  maxQueue?: number;
 }
 
 export interface Server {
@@ -113,20 +119,45 @@ function legacyLogprobs(list: (TokenLogprob | null)[], texts: string[], offset0:
 }
 
 export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & LoadOptions = {}): Promise<Server> {
-  const { host = '127.0.0.1', port = 8080, apiKey, modelName, bodyLimit = 1 << 20, ...load } = options;
+  const { host = '127.0.0.1', port = 8080, apiKey, modelName, bodyLimit = 1 << 20, maxQueue = 1024, ...load } = options;
+  if (!Number.isInteger(maxQueue) || maxQueue < 0) throw Object.assign(new RangeError(`maxQueue must be an integer >= 0, got ${maxQueue}`), { code: 'KVGPT_OPTION_RANGE' });
   const model = typeof modelOrDir === 'string' ? await Gpt2.load(modelOrDir, load) : modelOrDir;
   const name = modelName ?? (model.info.dir.split('/').filter(Boolean).pop() || 'kvgpt');
   const created = Math.floor(Date.now() / 1000);
   const keyHash = apiKey === undefined ? undefined : createHash('sha256').update(apiKey).digest();
   const inFlight = new Set<AbortController>();
+  const capacity = model.engineStats().maxSequences + maxQueue;
+  let sequences = 0; // admitted by this server and not yet ended
+
+  // Prometheus metrics, in a registry of this server's own.
+  const registry = new Registry();
+  const requests = new Counter({ name: 'kvgpt_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'status'], registers: [registry] });
+  const promptTokens = new Counter({ name: 'kvgpt_prompt_tokens_total', help: 'prompt tokens read (once per prompt)', registers: [registry] });
+  const generatedTokens = new Counter({ name: 'kvgpt_generated_tokens_total', help: 'tokens generated', registers: [registry] });
+  const ttft = new Histogram({ name: 'kvgpt_time_to_first_token_seconds', help: 'from a completion reaching the engine to its first token', buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [registry] });
+  const tokenLatency = new Histogram({ name: 'kvgpt_token_latency_seconds', help: 'each decode step of each sequence (the time between its tokens)', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1], registers: [registry] });
+  const gauge = (name: string, help: string, read: () => number) => new Gauge({ name, help, registers: [registry], collect() { this.set(read()); } });
+  gauge('kvgpt_queue_depth', 'sequences waiting for a place in the engine', () => model.engineStats().waiting);
+  gauge('kvgpt_active_sequences', 'sequences in flight in the engine', () => model.engineStats().active);
+  gauge('kvgpt_engine_steps', 'forward passes run since load', () => model.engineStats().steps);
+  gauge('kvgpt_engine_mean_batch_size', 'sequences per forward pass, mean since load', () => model.engineStats().meanBatchSize);
+  const observe = (r: GenerateResult) => {
+    generatedTokens.inc(r.tokens.length);
+    if (r.tokens.length > 0) ttft.observe(r.timings.ttftMs / 1000);
+    for (const ms of r.timings.stepMs) tokenLatency.observe(ms / 1000);
+  };
 
   const app: FastifyInstance = Fastify({
     bodyLimit,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false } },
   });
 
+  app.addHook('onResponse', async (req, reply) => {
+    requests.inc({ route: req.routeOptions.url ?? 'unknown', status: String(reply.statusCode) });
+  });
+
   app.addHook('onRequest', async (req, reply) => {
-    if (keyHash === undefined || req.url === '/health') return;
+    if (keyHash === undefined || req.url === '/health' || req.url === '/metrics') return;
     const m = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
     const given = createHash('sha256').update(m ? m[1] : '').digest();
     if (!m || !timingSafeEqual(given, keyHash)) {
@@ -159,6 +190,8 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
 
   app.get('/health', async () => ({ status: 'ok', model: name }));
 
+  app.get('/metrics', async (_req, reply) => reply.type(registry.contentType).send(await registry.metrics()));
+
   app.get('/v1/models', async () => ({ object: 'list', data: [{ id: name, object: 'model', created, owned_by: 'kvgpt' }] }));
 
   app.post('/v1/chat/completions', async (_req, reply) =>
@@ -184,9 +217,20 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
       logprobs: k,
       signal: controller.signal,
     });
-    // Every prompt and option checked before any work (a stream can still answer 400): a
-    // generation of 0 tokens validates them and runs no forward pass.
-    await Promise.all(list.map((p) => model.generate(p, { ...opts(0), maxNewTokens: 0 })));
+    // Every prompt and option checked before any work (a stream can still answer 400): an
+    // already aborted generation is checked (options at once, the prompt by the engine, which
+    // ends aborted requests without waiting for a place) and runs no forward pass.
+    const checked = AbortSignal.abort();
+    await Promise.all(list.map((p) => model.generate(p, { ...opts(0), maxNewTokens: 0, signal: checked })));
+    const need = list.length * n;
+    if (sequences + need > capacity) {
+      return reply
+        .code(429)
+        .header('retry-after', '1')
+        .send(apiError(`The server is at capacity: ${sequences} sequences in flight or waiting, room for ${capacity}; retry later.`, 'rate_limit_error', null, 'rate_limit_exceeded'));
+    }
+    sequences += need;
+    promptTokens.inc(list.reduce((s, p) => s + (typeof p === 'string' ? model.tokenize(p).length || 1 : p.length), 0));
     inFlight.add(controller);
     // A client that goes away aborts its sequences at once.
     reply.raw.on('close', () => {
@@ -208,6 +252,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
         reply.hijack();
         const raw = reply.raw;
         raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
+        raw.flushHeaders(); // the client sees the response start now, not at the first token
         const send = async (obj: unknown) => {
           if (raw.destroyed) return;
           if (!raw.write(`data: ${JSON.stringify(obj)}\n\n`)) await Promise.race([once(raw, 'drain'), once(raw, 'close')]);
@@ -232,6 +277,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
                 await send({ ...base, choices: [{ text: c.text, index, logprobs: lp, finish_reason: null }] });
               }
               const r = await s.result;
+              observe(r);
               completionTokens += r.tokens.length;
               if (j === 0) promptTokens += r.promptTokens.length;
               if (r.stopReason !== 'aborted') await send({ ...base, choices: [{ text: '', index, logprobs: null, finish_reason: FINISH_REASON[r.stopReason] }] });
@@ -243,15 +289,18 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
           controller.abort();
           await send(apiError((e as Error).message, 'server_error', null, (e as { code?: string }).code ?? null));
           if (!raw.destroyed) raw.end('data: [DONE]\n\n');
+          requests.inc({ route: '/v1/completions', status: '200' });
           return;
         }
         if (b.stream_options?.include_usage) await send({ ...base, choices: [], usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } });
         if (!raw.destroyed) raw.end('data: [DONE]\n\n');
+        requests.inc({ route: '/v1/completions', status: '200' }); // a hijacked reply skips onResponse
         return;
       }
       const results: { r: GenerateResult; index: number; p: string | number[] }[] = await Promise.all(
         list.flatMap((p, pi) => Array.from({ length: n }, async (_, j) => ({ r: await model.generate(p, opts(pi * n + j)), index: pi * n + j, p }))),
       );
+      results.forEach(({ r }) => observe(r));
       const choices = await Promise.all(
         results.map(async ({ r, index, p }) => {
           let out = r.text;
@@ -277,6 +326,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
       return { ...base, choices, usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } };
     } finally {
       inFlight.delete(controller);
+      sequences -= need;
     }
   });
 

@@ -120,6 +120,59 @@ describe('kvgpt serve over raw HTTP', () => {
   });
 });
 
+describe('kvgpt serve under load', () => {
+  it('past maxSequences + maxQueue a request gets 429 with Retry-After, and /metrics counts it all', async () => {
+    // A context of 4,096 positions, so a sequence lasts until its client leaves.
+    using small = await Gpt2.random({ n_layer: 1, n_head: 2, n_embd: 32, n_positions: 4096, vocab_size: 1000 }, { maxSequences: 1 });
+    const s = await serve(small, { port: 0, maxQueue: 1 });
+    try {
+      const long = (body: object) => fetch(`${s.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: [1, 2, 3], max_tokens: 4000, ignore_eos: true, stream: true, ...body }) });
+      const a = await long({});
+      const b = await long({});
+      const reader = a.body!.getReader();
+      await reader.read();
+      const c = await long({});
+      expect(c.status).toBe(429);
+      expect(c.headers.get('retry-after')).toBe('1');
+      expect((await c.json()).error).toMatchObject({ type: 'rate_limit_error', code: 'rate_limit_exceeded' });
+      // n counts: two sequences do not fit either.
+      expect((await fetch(`${s.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: [1], n: 2 }) })).status).toBe(429);
+      expect(small.engineStats()).toMatchObject({ active: 1, waiting: 1 });
+      await reader.cancel();
+      await b.body!.cancel();
+      for (let i = 0; i < 100 && small.engineStats().active + small.engineStats().waiting > 0; i++) await new Promise((r) => setTimeout(r, 20));
+      const ok = await fetch(`${s.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: [1, 2], max_tokens: 5 }) });
+      expect(ok.status).toBe(200);
+      const metrics = await (await fetch(`${s.url}/metrics`)).text();
+      expect(metrics).toMatch(/kvgpt_requests_total\{route="\/v1\/completions",status="429"\} 2/);
+      expect(metrics).toMatch(/kvgpt_requests_total\{route="\/v1\/completions",status="200"\} 3/);
+      expect(metrics).toMatch(/kvgpt_generated_tokens_total \d+/);
+      expect(metrics).toMatch(/kvgpt_time_to_first_token_seconds_count 2/); // b left before its first token
+      expect(metrics).toMatch(/kvgpt_token_latency_seconds_bucket\{le="0.005"\} \d+/);
+      expect(metrics).toMatch(/kvgpt_queue_depth 0/);
+      expect(metrics).toMatch(/kvgpt_engine_mean_batch_size [\d.]+/);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('64 concurrent streaming clients get exactly their solo greedy results', async () => {
+    const prompts = ref.prompts.map((p) => p.prompt);
+    const solo = await Promise.all(prompts.map((p) => model.generate(p, { maxNewTokens: 20, temperature: 0, ignoreEos: true })));
+    const one = async (i: number) => {
+      const stream = (await client.completions.create({ model: 'tiny-gpt2', prompt: prompts[i % prompts.length], max_tokens: 20, temperature: 0, ignore_eos: true, stream: true } as never)) as unknown as AsyncIterable<OpenAI.Completion>;
+      let text = '';
+      for await (const c of stream) text += c.choices.map((ch) => ch.text).join('');
+      return text;
+    };
+    for (let round = 0; round < 3; round++) {
+      const texts = await Promise.all(Array.from({ length: 64 }, (_, i) => one(i)));
+      texts.forEach((t, i) => expect(t).toBe(solo[i % prompts.length].text));
+    }
+    expect(model.engineStats().maxBatch).toBeGreaterThan(8);
+  });
+});
+
 describe('kvgpt serve (the command)', () => {
   it('serves until SIGTERM, then exits 0', async () => {
     const child = spawn(process.execPath, [join(__dirname, '..', 'dist', 'cli.js'), 'serve', '--model', TINY, '--port', '0'], { stdio: ['ignore', 'ignore', 'pipe'] });
