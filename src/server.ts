@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import { Gpt2, type LoadOptions } from './model';
 import type { GenerateOptions, GenerateResult, StopReason, TokenChunk } from './generate';
 import type { TokenLogprob } from './score';
-import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 
 export interface ServeOptions {
   /** Address to listen on; default 127.0.0.1. */
@@ -131,6 +131,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
 
   // Prometheus metrics, in a registry of this server's own.
   const registry = new Registry();
+  collectDefaultMetrics({ register: registry }); // process_resident_memory_bytes, heap, event-loop lag
   const requests = new Counter({ name: 'kvgpt_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'status'], registers: [registry] });
   const promptTokens = new Counter({ name: 'kvgpt_prompt_tokens_total', help: 'prompt tokens read (once per prompt)', registers: [registry] });
   const generatedTokens = new Counter({ name: 'kvgpt_generated_tokens_total', help: 'tokens generated', registers: [registry] });

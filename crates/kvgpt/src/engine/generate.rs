@@ -30,14 +30,16 @@ pub struct GenerateOptions {
 
 impl GenerateOptions {
     /// The defaults of a checkpoint: its generation_config.json (do_sample, temperature, top_k,
-    /// top_p, repetition_penalty, max_new_tokens), else greedy with 50 new tokens, as HF.
+    /// top_p, repetition_penalty, max_new_tokens), else greedy with 50 new tokens, as HF. Top-k
+    /// and top-p keep the config's values (else HF's 50 and 1) even when it does not sample, so
+    /// a caller who turns sampling on with a temperature gets HF's top-k of 50, as documented.
     pub fn defaults_for(model: &Model) -> Self {
         let g = model.generation_config();
         let sample = g.do_sample.unwrap_or(false);
         let sampling = SamplingParams {
             temperature: if sample { g.temperature.unwrap_or(1.0) } else { 0.0 },
-            top_k: if sample { g.top_k.unwrap_or(50) } else { 0 },
-            top_p: if sample { g.top_p.unwrap_or(1.0) } else { 1.0 },
+            top_k: g.top_k.unwrap_or(50),
+            top_p: g.top_p.unwrap_or(1.0),
             repetition_penalty: g.repetition_penalty.unwrap_or(1.0),
             seed: None,
         };
