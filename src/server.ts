@@ -186,7 +186,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
   });
 
   app.setNotFoundHandler((req, reply) => {
-    reply.code(404).send(apiError(`Unknown request URL: ${req.method} ${req.url}. This server has POST /v1/completions, GET /v1/models and GET /health.`, 'invalid_request_error', null, 'unknown_url'));
+    reply.code(404).send(apiError(`Unknown request URL: ${req.method} ${req.url}. This server has POST /v1/completions, GET /v1/models, GET /health and GET /metrics.`, 'invalid_request_error', null, 'unknown_url'));
   });
 
   app.get('/health', async () => ({ status: 'ok', model: name }));
