@@ -2,6 +2,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import OpenAI from 'openai';
 import { spawn } from 'node:child_process';
+import http from 'node:http';
 import { join } from 'node:path';
 import { Gpt2, serve, type Server } from '../src';
 import { reference, TINY } from './helpers';
@@ -104,6 +105,35 @@ describe('kvgpt serve over raw HTTP', () => {
     }
     // /health needs no key.
     expect(await (await fetch(`${server.url}/health`)).json()).toEqual({ status: 'ok', model: 'tiny-gpt2' });
+  });
+
+  it('a slow reader gets its whole stream and holds up no one else', async () => {
+    const p = ref.prompts[0];
+    const solo = await model.generate(p.prompt, { maxNewTokens: 120, temperature: 0, ignoreEos: true });
+    // 16 choices of 120 tokens: far more events than the socket buffers hold while paused.
+    const req = http.request(`${server.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: 'Bearer sk-test' } });
+    req.end(JSON.stringify({ prompt: p.prompt, n: 16, max_tokens: 120, temperature: 0, ignore_eos: true, stream: true }));
+    const res = await new Promise<http.IncomingMessage>((resolve) => req.on('response', resolve));
+    res.pause();
+    await new Promise((r) => setTimeout(r, 300));
+    // Others are served meanwhile.
+    const t0 = performance.now();
+    const others = await Promise.all([1, 2, 3].map((i) => client.completions.create({ model: 'tiny-gpt2', prompt: ref.prompts[i].prompt, max_tokens: 10, temperature: 0 })));
+    expect(others.every((o) => o.choices[0].text.length > 0)).toBe(true);
+    expect(performance.now() - t0).toBeLessThan(3000);
+    // Then the slow reader reads everything, in order per choice.
+    let raw = '';
+    res.setEncoding('utf8');
+    res.on('data', (d: string) => (raw += d));
+    res.resume();
+    await new Promise((r) => res.on('end', r));
+    expect(raw.endsWith('data: [DONE]\n\n')).toBe(true);
+    const texts = new Array(16).fill('');
+    for (const line of raw.split('\n\n')) {
+      if (!line.startsWith('data: {')) continue;
+      for (const c of JSON.parse(line.slice(6)).choices) texts[c.index] += c.text;
+    }
+    expect(texts).toEqual(new Array(16).fill(solo.text));
   });
 
   it('a client that disconnects mid-stream frees its sequence', async () => {
