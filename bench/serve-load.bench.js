@@ -1,0 +1,94 @@
+// Issue 14's load figures: c streaming clients at once (c = 1, 8, 32, 128), each sending
+// KVGPT_LOAD_REQUESTS requests one after another (a 32-token prompt of ids, 32 new tokens,
+// greedy, EOS ignored), GPT-2 small's shapes with seeded random weights on the CPU (2 threads),
+// through `kvgpt serve` (the official client's wire format: POST /v1/completions with stream)
+// and through the library's `stream()` directly, taking turns level by level. Reports
+// requests/s, generated tokens/s, TTFT and inter-token latency p50/p99 as the client sees them,
+// and HTTP's throughput as a share of the library's; saves bench/results/serve-load.json.
+// `npm run bench -- serve-load`; KVGPT_LOAD_LEVELS=1,8 and KVGPT_LOAD_REQUESTS=2 shorten it.
+const fs = require('node:fs');
+const { RESULTS } = require('./common');
+const { Gpt2, serve } = require('../dist');
+
+const LEVELS = (process.env.KVGPT_LOAD_LEVELS ?? '1,8,32,128').split(',').map(Number);
+const REQUESTS = Number(process.env.KVGPT_LOAD_REQUESTS ?? 2);
+const PROMPT = Array.from({ length: 32 }, (_, i) => (i * 4099 + 13) % 50257);
+const NEW = 32;
+
+const pct = (xs, p) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : NaN;
+};
+
+/** One request's token arrival times, from the library's stream. */
+async function viaLibrary(model) {
+  const t0 = performance.now();
+  const times = [];
+  for await (const _ of model.stream(PROMPT, { maxNewTokens: NEW, temperature: 0, ignoreEos: true })) times.push(performance.now() - t0);
+  return times;
+}
+
+/** The same through HTTP: server-sent events, one token each. */
+async function viaHttp(url) {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/v1/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: PROMPT, max_tokens: NEW, temperature: 0, ignore_eos: true, stream: true }),
+  });
+  const times = [];
+  const decoder = new TextDecoder();
+  let buf = '';
+  for await (const chunk of res.body) {
+    buf += decoder.decode(chunk, { stream: true });
+    let i;
+    while ((i = buf.indexOf('\n\n')) >= 0) {
+      const event = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      if (event.startsWith('data: {') && JSON.parse(event.slice(6)).choices[0]?.finish_reason === null) times.push(performance.now() - t0);
+    }
+  }
+  return times;
+}
+
+async function level(c, run) {
+  const ttft = [];
+  const itl = [];
+  let tokens = 0;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: c }, async () => {
+      for (let r = 0; r < REQUESTS; r++) {
+        const times = await run();
+        tokens += times.length;
+        ttft.push(times[0]);
+        for (let i = 1; i < times.length; i++) itl.push(times[i] - times[i - 1]);
+      }
+    }),
+  );
+  const seconds = (performance.now() - t0) / 1000;
+  return { requestsPerSecond: (c * REQUESTS) / seconds, tokensPerSecond: tokens / seconds, ttftP50Ms: pct(ttft, 50), ttftP99Ms: pct(ttft, 99), itlP50Ms: pct(itl, 50), itlP99Ms: pct(itl, 99), seconds };
+}
+
+async function main() {
+  process.env.RAYON_NUM_THREADS ??= '2';
+  const model = await Gpt2.random({}, { seed: 0, maxSequences: Math.max(...LEVELS) });
+  const server = await serve(model, { port: 0 });
+  await viaLibrary(model); // warm-up
+  const rows = [];
+  const fmt = (r) => `${r.requestsPerSecond.toFixed(2)} req/s, ${r.tokensPerSecond.toFixed(1)} tokens/s, TTFT p50/p99 ${r.ttftP50Ms.toFixed(0)}/${r.ttftP99Ms.toFixed(0)} ms, ITL p50/p99 ${r.itlP50Ms.toFixed(1)}/${r.itlP99Ms.toFixed(1)} ms`;
+  for (const c of LEVELS) {
+    const lib = await level(c, () => viaLibrary(model));
+    const http = await level(c, () => viaHttp(server.url));
+    const share = http.tokensPerSecond / lib.tokensPerSecond;
+    rows.push({ clients: c, library: lib, http, httpShare: share });
+    console.log(`c=${c} library: ${fmt(lib)}`);
+    console.log(`c=${c} http:    ${fmt(http)} (${(100 * share).toFixed(1)} % of the library's tokens/s)`);
+  }
+  await server.close();
+  model.dispose();
+  fs.mkdirSync(RESULTS, { recursive: true });
+  fs.writeFileSync(`${RESULTS}/serve-load.json`, JSON.stringify({ date: new Date().toISOString(), promptTokens: PROMPT.length, newTokens: NEW, requestsPerClient: REQUESTS, rows }, null, 2));
+}
+module.exports = main;
+if (require.main === module) main().catch((e) => { console.error(e); process.exit(1); });
