@@ -5,10 +5,15 @@
 // and through the library's `stream()` directly, taking turns level by level. Reports
 // requests/s, generated tokens/s, TTFT and inter-token latency p50/p99 as the client sees them,
 // and HTTP's throughput as a share of the library's; saves bench/results/serve-load.json.
-// `npm run bench -- serve-load`; KVGPT_LOAD_LEVELS=1,8 and KVGPT_LOAD_REQUESTS=2 shorten it.
+// `npm run bench -- serve-load`; KVGPT_LOAD_LEVELS=1,8 and KVGPT_LOAD_REQUESTS=2 shorten it;
+// KVGPT_BENCH_DEVICE=cuda and KVGPT_BENCH_DTYPE=f16 run it on a GPU (bench/gpu/serve.sh), with
+// results in KVGPT_RESULTS (default bench/results).
 const fs = require('node:fs');
-const { RESULTS } = require('./common');
 const { Gpt2, serve } = require('../dist');
+
+const RESULTS = process.env.KVGPT_RESULTS ?? `${__dirname}/results`;
+const DEVICE = process.env.KVGPT_BENCH_DEVICE ?? 'cpu';
+const DTYPE = process.env.KVGPT_BENCH_DTYPE ?? 'f32';
 
 const LEVELS = (process.env.KVGPT_LOAD_LEVELS ?? '1,8,32,128').split(',').map(Number);
 const REQUESTS = Number(process.env.KVGPT_LOAD_REQUESTS ?? 2);
@@ -72,7 +77,8 @@ async function level(c, run) {
 
 async function main() {
   process.env.RAYON_NUM_THREADS ??= '2';
-  const model = await Gpt2.random({}, { seed: 0, maxSequences: Math.max(...LEVELS) });
+  const model = await Gpt2.random({}, { seed: 0, maxSequences: Math.max(...LEVELS), device: DEVICE, dtype: DTYPE });
+  console.log(`GPT-2 small shapes, random weights, ${model.info.device} ${model.info.dtype}`);
   const server = await serve(model, { port: 0 });
   await viaLibrary(model); // warm-up
   const rows = [];
@@ -88,7 +94,7 @@ async function main() {
   await server.close();
   model.dispose();
   fs.mkdirSync(RESULTS, { recursive: true });
-  fs.writeFileSync(`${RESULTS}/serve-load.json`, JSON.stringify({ date: new Date().toISOString(), promptTokens: PROMPT.length, newTokens: NEW, requestsPerClient: REQUESTS, rows }, null, 2));
+  fs.writeFileSync(`${RESULTS}/serve-load.json`, JSON.stringify({ date: new Date().toISOString(), device: DEVICE, dtype: DTYPE, promptTokens: PROMPT.length, newTokens: NEW, requestsPerClient: REQUESTS, rows }, null, 2));
 }
 module.exports = main;
 if (require.main === module) main().catch((e) => { console.error(e); process.exit(1); });
