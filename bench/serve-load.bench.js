@@ -4,12 +4,14 @@
 // through `kvgpt serve` (the official client's wire format: POST /v1/completions with stream)
 // and through the library's `stream()` directly, taking turns level by level. Reports
 // requests/s, generated tokens/s, TTFT and inter-token latency p50/p99 as the client sees them,
-// and HTTP's throughput as a share of the library's; saves bench/results/serve-load.json.
+// and HTTP's throughput as a share of the library's; saves bench/results/serve-load.json. The
+// HTTP clients run in a child process of their own, so the server's process does only the
+// server's work (parsing thousands of events a second would otherwise share its thread).
 // `npm run bench -- serve-load`; KVGPT_LOAD_LEVELS=1,8 and KVGPT_LOAD_REQUESTS=2 shorten it;
 // KVGPT_BENCH_DEVICE=cuda and KVGPT_BENCH_DTYPE=f16 run it on a GPU (bench/gpu/serve.sh), with
 // results in KVGPT_RESULTS (default bench/results).
 const fs = require('node:fs');
-const { Gpt2, serve } = require('../dist');
+const { fork } = require('node:child_process');
 
 const RESULTS = process.env.KVGPT_RESULTS ?? `${__dirname}/results`;
 const DEVICE = process.env.KVGPT_BENCH_DEVICE ?? 'cpu';
@@ -75,26 +77,45 @@ async function level(c, run) {
   return { requestsPerSecond: (c * REQUESTS) / seconds, tokensPerSecond: tokens / seconds, ttftP50Ms: pct(ttft, 50), ttftP99Ms: pct(ttft, 99), itlP50Ms: pct(itl, 50), itlP99Ms: pct(itl, 99), seconds };
 }
 
+/** The HTTP side of a level, run by the client process. */
+function httpLevel(client, url, c) {
+  return new Promise((resolve) => {
+    client.once('message', resolve);
+    client.send({ url, c });
+  });
+}
+
 async function main() {
   process.env.RAYON_NUM_THREADS ??= '2';
+  const { Gpt2, serve } = require('../dist');
   const model = await Gpt2.random({}, { seed: 0, maxSequences: Math.max(...LEVELS), device: DEVICE, dtype: DTYPE });
   console.log(`GPT-2 small shapes, random weights, ${model.info.device} ${model.info.dtype}`);
   const server = await serve(model, { port: 0 });
   await viaLibrary(model); // warm-up
+  const client = fork(__filename, ['client']);
+  await httpLevel(client, server.url, 1); // warm-up
   const rows = [];
   const fmt = (r) => `${r.requestsPerSecond.toFixed(2)} req/s, ${r.tokensPerSecond.toFixed(1)} tokens/s, TTFT p50/p99 ${r.ttftP50Ms.toFixed(0)}/${r.ttftP99Ms.toFixed(0)} ms, ITL p50/p99 ${r.itlP50Ms.toFixed(1)}/${r.itlP99Ms.toFixed(1)} ms`;
   for (const c of LEVELS) {
     const lib = await level(c, () => viaLibrary(model));
-    const http = await level(c, () => viaHttp(server.url));
+    const http = await httpLevel(client, server.url, c);
     const share = http.tokensPerSecond / lib.tokensPerSecond;
     rows.push({ clients: c, library: lib, http, httpShare: share });
     console.log(`c=${c} library: ${fmt(lib)}`);
     console.log(`c=${c} http:    ${fmt(http)} (${(100 * share).toFixed(1)} % of the library's tokens/s)`);
   }
+  client.disconnect();
   await server.close();
   model.dispose();
   fs.mkdirSync(RESULTS, { recursive: true });
   fs.writeFileSync(`${RESULTS}/serve-load.json`, JSON.stringify({ date: new Date().toISOString(), device: DEVICE, dtype: DTYPE, promptTokens: PROMPT.length, newTokens: NEW, requestsPerClient: REQUESTS, rows }, null, 2));
 }
 module.exports = main;
-if (require.main === module) main().catch((e) => { console.error(e); process.exit(1); });
+if (require.main === module && process.argv[2] === 'client') {
+  process.on('message', async ({ url, c }) => process.send(await level(c, () => viaHttp(url))));
+} else if (require.main === module) {
+  main().catch((e) => {
+    console.error(e);
+    process.exit(1);
+  });
+}
