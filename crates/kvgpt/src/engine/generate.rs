@@ -4,7 +4,7 @@
 
 use crate::engine::sampling::SamplingParams;
 use crate::engine::score::TokenLogprob;
-use crate::engine::scheduler::{Abort, EngineOptions, GenerateRequest, Prompt, Request, Scheduler};
+use crate::engine::scheduler::{run_each, Abort, EngineOptions, GenerateRequest, Prompt, Request, Scheduler};
 use crate::error::{Error, Result};
 use crate::model::loader::Model;
 use std::cell::RefCell;
@@ -201,21 +201,14 @@ impl Model {
         abort: &AtomicBool,
     ) -> Result<Vec<Result<Generation>>> {
         opts.validate()?;
-        let out: Vec<RefCell<Option<Result<Generation>>>> = prompts.iter().map(|_| RefCell::new(None)).collect();
-        {
-            let engine = engine.unwrap_or_else(|| EngineOptions::defaults_for(self.gpt2.device()));
-            let mut scheduler = Scheduler::new(self, engine)?;
-            for (prompt, slot) in prompts.iter().zip(&out) {
-                scheduler.submit(Request::Generate(GenerateRequest {
-                    prompt: Prompt::Ids(prompt.clone()),
-                    options: opts.clone(),
-                    abort: Abort::Borrowed(abort),
-                    on_token: None,
-                    on_done: Box::new(move |r| *slot.borrow_mut() = Some(r)),
-                }));
-            }
-            scheduler.run_to_completion();
-        }
-        Ok(out.into_iter().map(|r| r.into_inner().expect("every request ends with a result")).collect())
+        run_each(self, prompts, engine, |prompt, on_done| {
+            Request::Generate(GenerateRequest {
+                prompt: Prompt::Ids(prompt.clone()),
+                options: opts.clone(),
+                abort: Abort::Borrowed(abort),
+                on_token: None,
+                on_done,
+            })
+        })
     }
 }

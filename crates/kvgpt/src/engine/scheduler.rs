@@ -19,8 +19,10 @@ use crate::model::gpt2::{Logits, Segment, StepLogits};
 use crate::model::loader::Model;
 use candle_core::{CpuStorage, Device, Storage, Tensor, D};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -955,6 +957,31 @@ fn with_host_rows<R>(logits: Option<&Tensor>, copied: Option<(&[f32], &[u32])>, 
         Storage::Cpu(CpuStorage::F32(v)) => f(Some(HostRows { data: &v[start..end], vocab, slots: None })),
         _ => Err(Error::internal("the step's logits are not f32")),
     }
+}
+
+/// Runs one request per item (made by `make`, given where its result goes) through a scheduler
+/// on this thread with `engine`'s limits (the device's defaults when None); the results in item
+/// order. `Model::generate_batch` and `Model::score_batch` are this.
+pub(crate) fn run_each<'c, I, T: 'c>(
+    model: &Model,
+    items: impl IntoIterator<Item = I>,
+    engine: Option<EngineOptions>,
+    make: impl Fn(I, OnDone<'c, T>) -> Request<'c>,
+) -> Result<Vec<Result<T>>> {
+    let engine = engine.unwrap_or_else(|| EngineOptions::defaults_for(model.gpt2().device()));
+    let mut scheduler = Scheduler::new(model, engine)?;
+    let slots: Vec<Rc<RefCell<Option<Result<T>>>>> = items
+        .into_iter()
+        .map(|item| {
+            let slot = Rc::new(RefCell::new(None));
+            let to = slot.clone();
+            scheduler.submit(make(item, Box::new(move |r| *to.borrow_mut() = Some(r))));
+            slot
+        })
+        .collect();
+    scheduler.run_to_completion();
+    drop(scheduler);
+    Ok(slots.into_iter().map(|s| s.take().expect("every request ends with a result")).collect())
 }
 
 /// Every request ends once: whatever is still here when the scheduler goes is failed.

@@ -7,12 +7,11 @@
 //! with everything else in flight, and asks only the rows that predict a target for logits.
 //! Also here: a row's log-probabilities (for these and for `generate`'s `logprobs`).
 
-use crate::engine::scheduler::{Abort, EngineOptions, OnDone, Prompt, Request, Scheduler, ScoreRequest};
+use crate::engine::scheduler::{run_each, Abort, EngineOptions, OnDone, Prompt, Request, ScoreRequest};
 use crate::error::{Error, Result};
 use crate::model::gpt2::Logits;
 use crate::model::loader::Model;
 use candle_core::Tensor;
-use std::cell::RefCell;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -357,22 +356,9 @@ impl Model {
     /// None). One result per text, in order; a text's bad input fails that text alone.
     pub fn score_batch(&self, texts: Vec<Prompt>, opts: &ScoreOptions, engine: Option<EngineOptions>, abort: &AtomicBool) -> Result<Vec<Result<Score>>> {
         opts.resolve(self.config().n_positions)?;
-        let out: Vec<RefCell<Option<Result<Score>>>> = texts.iter().map(|_| RefCell::new(None)).collect();
-        {
-            let engine = engine.unwrap_or_else(|| EngineOptions::defaults_for(self.gpt2().device()));
-            let mut scheduler = Scheduler::new(self, engine)?;
-            for (text, slot) in texts.into_iter().zip(&out) {
-                scheduler.submit(Request::Score(ScoreRequest {
-                    text,
-                    options: opts.clone(),
-                    abort: Abort::Borrowed(abort),
-                    on_progress: None,
-                    on_done: Box::new(move |r| *slot.borrow_mut() = Some(r)),
-                }));
-            }
-            scheduler.run_to_completion();
-        }
-        Ok(out.into_iter().map(|r| r.into_inner().expect("every request ends with a result")).collect())
+        run_each(self, texts, engine, |text, on_done| {
+            Request::Score(ScoreRequest { text, options: opts.clone(), abort: Abort::Borrowed(abort), on_progress: None, on_done })
+        })
     }
 }
 
