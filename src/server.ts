@@ -133,7 +133,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
   const registry = new Registry();
   collectDefaultMetrics({ register: registry }); // process_resident_memory_bytes, heap, event-loop lag
   const requests = new Counter({ name: 'kvgpt_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'status'], registers: [registry] });
-  const promptTokens = new Counter({ name: 'kvgpt_prompt_tokens_total', help: 'prompt tokens read (once per prompt)', registers: [registry] });
+  const promptTokens = new Counter({ name: 'kvgpt_prompt_tokens_total', help: 'prompt tokens of the completions answered (once per prompt)', registers: [registry] });
   const generatedTokens = new Counter({ name: 'kvgpt_generated_tokens_total', help: 'tokens generated', registers: [registry] });
   const ttft = new Histogram({ name: 'kvgpt_time_to_first_token_seconds', help: 'from a completion reaching the engine to its first token', buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [registry] });
   const tokenLatency = new Histogram({ name: 'kvgpt_token_latency_seconds', help: 'each decode step of each sequence (the time between its tokens)', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1], registers: [registry] });
@@ -231,7 +231,6 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
         .send(apiError(`The server is at capacity: ${sequences} sequences in flight or waiting, room for ${capacity}; retry later.`, 'rate_limit_error', null, 'rate_limit_exceeded'));
     }
     sequences += need;
-    promptTokens.inc(list.reduce((s, p) => s + (typeof p === 'string' ? model.tokenize(p).length || 1 : p.length), 0));
     inFlight.add(controller);
     // A client that goes away aborts its sequences at once.
     reply.raw.on('close', () => {
@@ -259,7 +258,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
           if (!raw.write(`data: ${JSON.stringify(obj)}\n\n`)) await Promise.race([once(raw, 'drain'), once(raw, 'close')]);
         };
         let completionTokens = 0;
-        let promptTokens = 0;
+        let promptCount = 0;
         try {
           await Promise.all(
           list.flatMap((p, pi) =>
@@ -280,7 +279,7 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
               const r = await s.result;
               observe(r);
               completionTokens += r.tokens.length;
-              if (j === 0) promptTokens += r.promptTokens.length;
+              if (j === 0) promptCount += r.promptTokens.length;
               if (r.stopReason !== 'aborted') await send({ ...base, choices: [{ text: '', index, logprobs: null, finish_reason: FINISH_REASON[r.stopReason] }] });
             }),
           ),
@@ -293,7 +292,8 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
           requests.inc({ route: '/v1/completions', status: '200' });
           return;
         }
-        if (b.stream_options?.include_usage) await send({ ...base, choices: [], usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } });
+        promptTokens.inc(promptCount);
+        if (b.stream_options?.include_usage) await send({ ...base, choices: [], usage: { prompt_tokens: promptCount, completion_tokens: completionTokens, total_tokens: promptCount + completionTokens } });
         if (!raw.destroyed) raw.end('data: [DONE]\n\n');
         requests.inc({ route: '/v1/completions', status: '200' }); // a hijacked reply skips onResponse
         return;
@@ -322,9 +322,10 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
           return { text: out, index, logprobs, finish_reason: FINISH_REASON[r.stopReason] };
         }),
       );
-      const promptTokens = results.filter((_, i) => i % n === 0).reduce((s, x) => s + x.r.promptTokens.length, 0);
+      const promptCount = results.filter((_, i) => i % n === 0).reduce((s, x) => s + x.r.promptTokens.length, 0);
       const completionTokens = results.reduce((s, x) => s + x.r.tokens.length, 0);
-      return { ...base, choices, usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } };
+      promptTokens.inc(promptCount);
+      return { ...base, choices, usage: { prompt_tokens: promptCount, completion_tokens: completionTokens, total_tokens: promptCount + completionTokens } };
     } finally {
       inFlight.delete(controller);
       sequences -= need;
