@@ -9,10 +9,7 @@ set -uo pipefail
 . "$(dirname "$0")/setup.sh" score.log
 
 echo "== 1. Rust scoring and parity suites on CUDA"
-for t in $(ls "$PAYLOAD/tests" | grep -v '\.xz$'); do
-  KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$FIXTURES" timeout 240 "$PAYLOAD/tests/$t" --test-threads 1 2>&1 |
-    grep -v -E '^ +[0-9]+: |^ +at '
-done
+run_test_binaries
 
 echo "== 2. the checkpoint"
 MODEL=/tmp/gpt2-small-random

@@ -25,3 +25,11 @@ export KVGPT_CUDA_BINARY="$PAYLOAD/kvgpt.linux-x64-gnu.cuda.node"
 CPU_ADDON="$PAYLOAD/kvgpt.linux-x64-gnu.node"
 [ -f "$CPU_ADDON" ] || CPU_ADDON="$KVGPT_CUDA_BINARY"
 export NAPI_RS_NATIVE_LIBRARY_PATH="$CPU_ADDON"
+
+# Runs every Rust test binary that travelled, on CUDA, against the checkout's fixtures.
+run_test_binaries() {
+  for t in $(ls "$PAYLOAD/tests" | grep -v '\.xz$'); do
+    KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$FIXTURES" timeout 240 "$PAYLOAD/tests/$t" --test-threads 1 2>&1 |
+      grep -v -E '^ +[0-9]+: |^ +at '
+  done
+}
