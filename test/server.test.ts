@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import OpenAI from 'openai';
 import { spawn } from 'node:child_process';
 import http from 'node:http';
+import net from 'node:net';
 import { join } from 'node:path';
 import { Gpt2, serve, type Server } from '../src';
 import { reference, TINY } from './helpers';
@@ -137,16 +138,112 @@ describe('kvgpt serve over raw HTTP', () => {
   });
 
   it('a client that disconnects mid-stream frees its sequence', async () => {
-    const ac = new AbortController();
     const res = await post('/v1/completions', JSON.stringify({ prompt: 'Hello', max_tokens: 100000, ignore_eos: true, stream: true }), {});
     const reader = res.body!.getReader();
     await reader.read(); // the first event
     const before = model.engineStats();
     expect(before.active).toBe(1);
     await reader.cancel();
-    ac.abort();
     for (let i = 0; i < 100 && model.engineStats().active > 0; i++) await new Promise((r) => setTimeout(r, 20));
     expect(model.engineStats().active).toBe(0);
+  });
+});
+
+/** Sends raw bytes on a socket of its own; `data` collects what comes back. */
+function rawClient() {
+  const u = new URL(server.url);
+  const socket = net.connect(Number(u.port), u.hostname);
+  const c = { socket, data: '', closed: new Promise<void>((r) => socket.on('close', () => r())) };
+  socket.setEncoding('utf8');
+  socket.on('data', (d: string) => (c.data += d));
+  socket.on('error', () => {}); // a reset is what some of these clients are for
+  return c;
+}
+const streamRequest = (body: object, extra = '') => {
+  const json = JSON.stringify({ stream: true, ...body });
+  return `POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer sk-test\r\n${extra}content-length: ${Buffer.byteLength(json)}\r\n\r\n${json}`;
+};
+const until = async (cond: () => boolean, ms = 5000) => {
+  for (const t0 = performance.now(); !cond() && performance.now() - t0 < ms; ) await new Promise((r) => setTimeout(r, 10));
+  return cond();
+};
+const metric = async (name: string) => Number(new RegExp(`^${name} (\\d+)`, 'm').exec(await (await fetch(`${server.url}/metrics`)).text())?.[1]);
+
+describe('kvgpt serve and misbehaving stream consumers', () => {
+  // Each of these runs beside a well-behaved streaming client, which must get its solo result,
+  // and must leave the engine with nothing in flight and the server answering.
+  const p = () => ref.prompts[1].prompt;
+  async function beside(misbehave: () => Promise<void>) {
+    const solo = await model.generate(p(), { maxNewTokens: 60, temperature: 0, ignoreEos: true });
+    const good = (async () => {
+      const stream = (await client.completions.create({ model: 'tiny-gpt2', prompt: p(), max_tokens: 60, temperature: 0, ignore_eos: true, stream: true } as never)) as unknown as AsyncIterable<OpenAI.Completion>;
+      let text = '';
+      for await (const c of stream) text += c.choices.map((ch) => ch.text).join('');
+      return text;
+    })();
+    await misbehave();
+    expect(await good).toBe(solo.text);
+    expect(await until(() => model.engineStats().active + model.engineStats().waiting === 0)).toBe(true);
+    expect((await fetch(`${server.url}/health`)).status).toBe(200);
+  }
+
+  it('garbage sent on the connection mid-stream: that stream ends, no one else is touched', async () => {
+    await beside(async () => {
+      const c = rawClient();
+      c.socket.write(streamRequest({ prompt: 'Hello', max_tokens: 100000, ignore_eos: true }));
+      expect(await until(() => c.data.includes('data: {'))).toBe(true);
+      c.socket.write('\x00\xff not HTTP at all \r\n\r\n');
+      await c.closed;
+      expect(c.data.startsWith('HTTP/1.1 200')).toBe(true);
+    });
+  });
+
+  it('a client that half-closes after its request, or resets mid-stream', async () => {
+    await beside(async () => {
+      const half = rawClient();
+      half.socket.end(streamRequest({ prompt: 'Hello', max_tokens: 30, temperature: 0, ignore_eos: true }));
+      const reset = rawClient();
+      reset.socket.write(streamRequest({ prompt: 'Hello', max_tokens: 100000, ignore_eos: true }));
+      expect(await until(() => reset.data.includes('data: {'))).toBe(true);
+      reset.socket.resetAndDestroy();
+      await Promise.all([half.closed, reset.closed]);
+    });
+  });
+
+  it('two streams pipelined on one connection both arrive whole, in order', async () => {
+    const solo = await model.generate(p(), { maxNewTokens: 12, temperature: 0, ignoreEos: true });
+    await beside(async () => {
+      const c = rawClient();
+      const body = { prompt: p(), max_tokens: 12, temperature: 0, ignore_eos: true };
+      c.socket.write(streamRequest(body) + streamRequest({ ...body, prompt: model.tokenize(p()) }, 'connection: close\r\n'));
+      await c.closed;
+      const responses = c.data.split('HTTP/1.1 ').filter(Boolean);
+      expect(responses).toHaveLength(2);
+      for (const r of responses) {
+        expect(r.startsWith('200')).toBe(true);
+        const events = [...r.matchAll(/data: (\{.*\})\r?\n/g)].map((m) => JSON.parse(m[1]));
+        expect(events.map((e) => e.choices[0]?.text ?? '').join('')).toBe(solo.text);
+        expect(r).toContain('data: [DONE]');
+      }
+    });
+  });
+
+  it('a server that falls behind its clients sends the tokens that piled up in one write', async () => {
+    const solo = await model.generate(p(), { maxNewTokens: 80, temperature: 0, ignoreEos: true });
+    const [events0, writes0] = [await metric('kvgpt_stream_events_total'), await metric('kvgpt_stream_writes_total')];
+    const res = await post('/v1/completions', JSON.stringify({ prompt: p(), max_tokens: 80, temperature: 0, ignore_eos: true, stream: true }));
+    const reader = res.body!.getReader();
+    let raw = new TextDecoder().decode((await reader.read()).value);
+    // The server's thread (this one) is held while the engine makes every token.
+    const t0 = performance.now();
+    while (model.engineStats().active > 0 && performance.now() - t0 < 10_000);
+    for (let r = await reader.read(); !r.done; r = await reader.read()) raw += new TextDecoder().decode(r.value);
+    const texts = raw.split('\n\n').filter((e) => e.startsWith('data: {')).map((e) => JSON.parse(e.slice(6)).choices[0].text);
+    expect(texts.join('')).toBe(solo.text);
+    const events = (await metric('kvgpt_stream_events_total')) - events0;
+    const writes = (await metric('kvgpt_stream_writes_total')) - writes0;
+    expect(events).toBe(81); // 80 tokens and the finish_reason
+    expect(writes).toBeLessThanOrEqual(4);
   });
 });
 
