@@ -8,10 +8,13 @@
 // HTTP clients run in a child process of their own, so the server's process does only the
 // server's work (parsing thousands of events a second would otherwise share its thread).
 // `npm run bench -- serve-load`; KVGPT_LOAD_LEVELS=1,8 and KVGPT_LOAD_REQUESTS=2 shorten it;
+// KVGPT_LOAD_MODEL=test/fixtures/tiny-gpt2 serves a model directory instead (a fast engine, to
+// load the HTTP layer itself);
 // KVGPT_BENCH_DEVICE=cuda and KVGPT_BENCH_DTYPE=f16 run it on a GPU (bench/gpu/serve.sh), with
 // results in KVGPT_RESULTS (default bench/results).
 const fs = require('node:fs');
 const { fork } = require('node:child_process');
+const http = require('node:http');
 
 const RESULTS = process.env.KVGPT_RESULTS ?? `${__dirname}/results`;
 const DEVICE = process.env.KVGPT_BENCH_DEVICE ?? 'cpu';
@@ -38,30 +41,41 @@ async function viaLibrary(model) {
   return times;
 }
 
+// The load generator: node:http over kept-alive connections, as load generators such as
+// autocannon speak HTTP. (undici's fetch, which the openai client uses, costs the client 1-3 ms
+// more a request on this machine: that is the client's cost, not the server's.)
+const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+const BODY = JSON.stringify({ prompt: PROMPT, max_tokens: NEW, temperature: 0, ignore_eos: true, stream: true });
+
 /** The same through HTTP: server-sent events, one token each. */
-async function viaHttp(url) {
-  const t0 = performance.now();
-  const res = await fetch(`${url}/v1/completions`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ prompt: PROMPT, max_tokens: NEW, temperature: 0, ignore_eos: true, stream: true }),
+function viaHttp(url) {
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const times = [];
+    let buf = '';
+    const req = http.request({ host: u.hostname, port: u.port, path: '/v1/completions', method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(BODY) } }, (res) => {
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => {
+        buf += chunk;
+        let i;
+        while ((i = buf.indexOf('\n\n')) >= 0) {
+          const event = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          if (event.startsWith('data: {') && JSON.parse(event.slice(6)).choices[0]?.finish_reason === null) times.push(performance.now() - t0);
+        }
+      });
+      res.on('end', () => resolve(times));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(BODY);
   });
-  const times = [];
-  const decoder = new TextDecoder();
-  let buf = '';
-  for await (const chunk of res.body) {
-    buf += decoder.decode(chunk, { stream: true });
-    let i;
-    while ((i = buf.indexOf('\n\n')) >= 0) {
-      const event = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      if (event.startsWith('data: {') && JSON.parse(event.slice(6)).choices[0]?.finish_reason === null) times.push(performance.now() - t0);
-    }
-  }
-  return times;
 }
 
 async function level(c, run) {
+  // How busy this process's JS thread was (1 = never idle): whether it, not the engine, set the pace.
+  const elu0 = performance.eventLoopUtilization();
   const ttft = [];
   const itl = [];
   let tokens = 0;
@@ -77,7 +91,8 @@ async function level(c, run) {
     }),
   );
   const seconds = (performance.now() - t0) / 1000;
-  return { requestsPerSecond: (c * REQUESTS) / seconds, tokensPerSecond: tokens / seconds, ttftP50Ms: pct(ttft, 50), ttftP99Ms: pct(ttft, 99), itlP50Ms: pct(itl, 50), itlP99Ms: pct(itl, 99), seconds };
+  const elu = performance.eventLoopUtilization(elu0).utilization;
+  return { requestsPerSecond: (c * REQUESTS) / seconds, tokensPerSecond: tokens / seconds, ttftP50Ms: pct(ttft, 50), ttftP99Ms: pct(ttft, 99), itlP50Ms: pct(itl, 50), itlP99Ms: pct(itl, 99), seconds, eventLoopUtilization: elu };
 }
 
 /** The HTTP side of a level, run by the client process. */
@@ -99,10 +114,23 @@ async function main() {
   const client = fork(__filename, ['client']);
   await httpLevel(client, server.url, 1); // warm-up
   const rows = [];
-  const fmt = (r) => `${r.requestsPerSecond.toFixed(2)} req/s, ${r.tokensPerSecond.toFixed(1)} tokens/s, TTFT p50/p99 ${r.ttftP50Ms.toFixed(0)}/${r.ttftP99Ms.toFixed(0)} ms, ITL p50/p99 ${r.itlP50Ms.toFixed(1)}/${r.itlP99Ms.toFixed(1)} ms`;
+  const busy = (r) => (r.serverEventLoopUtilization === undefined ? `, JS thread busy ${(100 * r.eventLoopUtilization).toFixed(0)} %` : `, server JS thread busy ${(100 * r.serverEventLoopUtilization).toFixed(0)} %, client's ${(100 * r.clientEventLoopUtilization).toFixed(0)} %, ${r.eventsPerWrite.toFixed(2)} events a write`);
+  const fmt = (r) => `${r.requestsPerSecond.toFixed(2)} req/s, ${r.tokensPerSecond.toFixed(1)} tokens/s, TTFT p50/p99 ${r.ttftP50Ms.toFixed(1)}/${r.ttftP99Ms.toFixed(1)} ms, ITL p50/p99 ${r.itlP50Ms.toFixed(2)}/${r.itlP99Ms.toFixed(2)} ms${busy(r)}`;
   for (const c of LEVELS) {
     const lib = await level(c, () => viaLibrary(model));
+    const counters = async () => {
+      const text = await (await fetch(`${server.url}/metrics`)).text();
+      return ['events', 'writes'].map((k) => Number(new RegExp(`^kvgpt_stream_${k}_total (\\d+)`, 'm').exec(text)[1]));
+    };
+    const [e0, w0] = await counters();
+    const elu0 = performance.eventLoopUtilization();
     const http = await httpLevel(client, server.url, c);
+    // The server's thread during the HTTP level, and the load generator's (its own process).
+    http.serverEventLoopUtilization = performance.eventLoopUtilization(elu0).utilization;
+    http.clientEventLoopUtilization = http.eventLoopUtilization;
+    delete http.eventLoopUtilization;
+    const [e1, w1] = await counters();
+    http.eventsPerWrite = (e1 - e0) / (w1 - w0); // above 1 when the server ran behind and wrote piled-up tokens at once
     const share = http.tokensPerSecond / lib.tokensPerSecond;
     rows.push({ clients: c, library: lib, http, httpShare: share });
     console.log(`c=${c} library: ${fmt(lib)}`);

@@ -255,6 +255,19 @@ export class Gpt2 implements Disposable {
   }
 
   /**
+   * Checks a prompt and generation options as `generate()` would, on this thread and without
+   * running anything: returns the prompt's ids as the model will see them (an empty prompt
+   * becomes `[bos]`), or throws the error `generate()` would reject with (a prompt over the
+   * context, a token id out of range, an option out of range).
+   */
+  checkPrompt(prompt: string | readonly number[], options?: GenerateOptions): number[] {
+    this.#check();
+    const p = checkPrompt(prompt);
+    const nativeOptions = toNativeOptions(options);
+    return native(() => this.#native.checkGeneration(p, nativeOptions));
+  }
+
+  /**
    * Generates from a text or token-id prompt and resolves with the whole result. Concurrent
    * calls on one model are batched by its engine (each keeps its own options and results).
    */

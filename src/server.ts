@@ -140,7 +140,7 @@ export class EventWriter {
 
   /** Queues `data: <json>`; the promise (when there is one) settles once the client has caught up. */
   send(json: string): Promise<void> | undefined {
-    if (this.#raw.destroyed) return undefined;
+    if (this.#raw.destroyed || this.#raw.writableEnded) return undefined; // a choice still running after an error ended the stream
     this.#pending += `data: ${json}\n\n`;
     this.#count++;
     if (!this.#scheduled) {
@@ -160,7 +160,7 @@ export class EventWriter {
 
   #flush() {
     this.#scheduled = false;
-    if (this.#pending === '' || this.#raw.destroyed) return;
+    if (this.#pending === '' || this.#raw.destroyed || this.#raw.writableEnded) return;
     // A slow reader: later sends wait until the socket drains (or closes) rather than buffer.
     if (!this.#raw.write(this.#take()) && !this.#drained) {
       this.#drained = Promise.race([once(this.#raw, 'drain'), once(this.#raw, 'close')]).then(() => {
@@ -171,7 +171,7 @@ export class EventWriter {
 
   /** Sends what is queued and `data: [DONE]` in one write, and ends the response. */
   end() {
-    if (this.#raw.destroyed) return;
+    if (this.#raw.destroyed || this.#raw.writableEnded) return;
     this.#raw.end(`${this.#take()}data: [DONE]\n\n`);
   }
 }
@@ -283,11 +283,8 @@ export async function serve(modelOrDir: Gpt2 | string, options: ServeOptions & L
       logprobs: k,
       signal: controller.signal,
     });
-    // Every prompt and option checked before any work (a stream can still answer 400): an
-    // already aborted generation is checked (options at once, the prompt by the engine, which
-    // ends aborted requests without waiting for a place) and runs no forward pass.
-    const checked = AbortSignal.abort();
-    await Promise.all(list.map((p) => model.generate(p, { ...opts(0), maxNewTokens: 0, signal: checked })));
+    // Every prompt and option checked before any work, so that a stream can still answer 400.
+    for (const p of list) model.checkPrompt(p, opts(0));
     const need = list.length * n;
     if (sequences + need > capacity) {
       return reply

@@ -209,6 +209,31 @@ describe('options are validated before any work', () => {
     const fractional = await model.generate([1.5]).catch((e) => e);
     expect(fractional).toMatchObject({ code: 'KVGPT_INVALID_INPUT' });
   });
+
+  it('checkPrompt finds on this thread what generate() would reject, and runs nothing', async () => {
+    const steps = model.engineStats().steps;
+    expect(model.checkPrompt('Hello world', { temperature: 0.5 })).toEqual(model.tokenize('Hello world'));
+    expect(model.checkPrompt('')).toEqual([50256]); // [bos], as generate() sees it
+    const cases: [() => unknown, unknown][] = [
+      [() => model.generate([1, 50257]), () => model.checkPrompt([1, 50257])],
+      [() => model.generate(Array(129).fill(1)), () => model.checkPrompt(Array(129).fill(1))],
+      [() => model.generate('Hello', { topP: 2 }), () => model.checkPrompt('Hello', { topP: 2 })],
+      [() => model.generate('Hello', { maxTokens: 1 } as never), () => model.checkPrompt('Hello', { maxTokens: 1 } as never)],
+    ] as never;
+    for (const [gen, check] of cases as [() => Promise<unknown>, () => unknown][]) {
+      const want = await gen().catch((e) => e);
+      let got: unknown;
+      try {
+        check();
+      } catch (e) {
+        got = e;
+      }
+      expect(got).toBeInstanceOf(Error);
+      expect(got).toEqual(want);
+      expect((got as { code: string }).code).toBe((want as { code: string }).code);
+    }
+    expect(model.engineStats().steps).toBe(steps);
+  });
 });
 
 describe('model info, tokenizer and lifecycle', () => {

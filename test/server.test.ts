@@ -6,6 +6,7 @@ import http from 'node:http';
 import net from 'node:net';
 import { join } from 'node:path';
 import { Gpt2, serve, type Server } from '../src';
+import { EventWriter } from '../src/server';
 import { reference, TINY } from './helpers';
 
 const ref = reference(TINY);
@@ -168,6 +169,29 @@ const until = async (cond: () => boolean, ms = 5000) => {
   return cond();
 };
 const metric = async (name: string) => Number(new RegExp(`^${name} (\\d+)`, 'm').exec(await (await fetch(`${server.url}/metrics`)).text())?.[1]);
+
+describe('EventWriter', () => {
+  it('events of one turn leave in one write; nothing is written after the end', async () => {
+    const writes: number[] = [];
+    const srv = http.createServer((_req, res) => {
+      res.on('error', (e) => writes.push(-1, e ? 1 : 0)); // a write after end would land here
+      const w = new EventWriter(res, (events) => writes.push(events));
+      for (const i of [1, 2, 3]) w.send(JSON.stringify({ i }));
+      setImmediate(() => {
+        w.send(JSON.stringify({ i: 4 }));
+        w.end();
+        w.send(JSON.stringify({ i: 5 })); // a choice that finished after an error ended the stream
+      });
+    });
+    await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+    const { port } = srv.address() as net.AddressInfo;
+    const body = await (await fetch(`http://127.0.0.1:${port}/`)).text();
+    await new Promise((r) => setTimeout(r, 50));
+    srv.close();
+    expect(body).toBe('data: {"i":1}\n\ndata: {"i":2}\n\ndata: {"i":3}\n\ndata: {"i":4}\n\ndata: [DONE]\n\n');
+    expect(writes).toEqual([3, 1]);
+  });
+});
 
 describe('kvgpt serve and misbehaving stream consumers', () => {
   // Each of these runs beside a well-behaved streaming client, which must get its solo result,

@@ -4,7 +4,8 @@
 # f16 on CUDA. The payload ($PAYLOAD, default .gpu) carries node.xz, the CUDA addon
 # (kvgpt.linux-x64-gnu.cuda.node.xz), repo/ (dist/, index.js, package.json,
 # bench/serve-load.bench.js) and node_modules.tar.xz (fastify and prom-client with their
-# dependencies, the server's only runtime packages). Results go to $OUT (or ./gpu-out).
+# dependencies, the server's only runtime packages). Results go to $OUT (or ./gpu-out);
+# KVGPT_SERVE_PROFILE=1 adds a profiled run at 128 clients.
 set -uo pipefail
 PAYLOAD="$(cd "${PAYLOAD:-.gpu}" && pwd)"
 OUT="${OUT:-$(pwd)/gpu-out}"
@@ -17,5 +18,11 @@ xz -dc "$PAYLOAD/node.xz" > /tmp/node && chmod +x /tmp/node
 xz -dkf "$PAYLOAD/kvgpt.linux-x64-gnu.cuda.node.xz"
 export KVGPT_CUDA_BINARY="$PAYLOAD/kvgpt.linux-x64-gnu.cuda.node" NAPI_RS_NATIVE_LIBRARY_PATH="$PAYLOAD/kvgpt.linux-x64-gnu.cuda.node"
 cd "$PAYLOAD/repo" && tar -xJf ../node_modules.tar.xz
-KVGPT_BENCH_DEVICE=cuda KVGPT_BENCH_DTYPE=f16 KVGPT_RESULTS="$OUT" KVGPT_LOAD_REQUESTS="${KVGPT_LOAD_REQUESTS:-4}" /tmp/node bench/serve-load.bench.js
+export KVGPT_BENCH_DEVICE=cuda KVGPT_BENCH_DTYPE=f16
+KVGPT_RESULTS="$OUT" KVGPT_LOAD_REQUESTS="${KVGPT_LOAD_REQUESTS:-16}" /tmp/node bench/serve-load.bench.js
+# Then the server's process profiled (--cpu-prof) at the top level, to say where its thread's time goes.
+if [ -n "${KVGPT_SERVE_PROFILE:-}" ]; then
+  KVGPT_RESULTS="$OUT/profiled" KVGPT_LOAD_LEVELS=128 KVGPT_LOAD_REQUESTS=8 /tmp/node --cpu-prof --cpu-prof-dir="$OUT/profiled" bench/serve-load.bench.js
+  xz -9 "$OUT"/profiled/*.cpuprofile
+fi
 echo done

@@ -217,6 +217,20 @@ impl NativeModel {
         model.decode(&to_ids(&ids).napi()?).napi()
     }
 
+    /// Checks a generation's prompt and options as the engine will admit them, on this thread
+    /// and without queueing: the prompt's ids as the model will see them, or the error the
+    /// generation would end with.
+    #[napi]
+    pub fn check_generation(&self, prompt: Either<String, Vec<f64>>, options: Option<NativeGenerateOptions>) -> napi::Result<Vec<u32>> {
+        let model = self.get()?;
+        let opts = options.unwrap_or_default().resolve(&model).napi()?;
+        let prompt = match prompt {
+            Either::A(text) => Prompt::Text(text),
+            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
+        };
+        model.check_generation(prompt, &opts).napi()
+    }
+
     /// Queues a generation on the model's engine, which batches it with every other request in
     /// flight. Options are checked here, before any work; the prompt when it is admitted.
     #[napi(ts_return_type = "Promise<NativeGeneration>")]

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kvgpt::{GenerateOptions, Generation, Model, SamplingParams, StopReason};
+use kvgpt::{GenerateOptions, Generation, Model, Prompt, SamplingParams, StopReason};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -270,6 +270,15 @@ fn out_of_range_options_fail_before_any_work() {
         // Options are checked before the prompt: a bad prompt still reports the option.
         assert_eq!(generate_err(&model, &[u32::MAX], opts).0, "KVGPT_OPTION_RANGE");
     }
+    // check_generation finds the same, on this thread, without queueing anything.
+    for opts in &bad {
+        assert_eq!(model.check_generation(Prompt::Ids(prompt.clone()), opts).unwrap_err().code(), "KVGPT_OPTION_RANGE");
+    }
+    for bad_prompt in [long_prompt(129), vec![50257]] {
+        assert_eq!(model.check_generation(Prompt::Ids(bad_prompt), &base).unwrap_err().code(), "KVGPT_INVALID_INPUT");
+    }
+    assert_eq!(model.check_generation(Prompt::Ids(vec![]), &base).unwrap(), [50256]);
+    assert_eq!(model.check_generation(Prompt::Text("Hello world".into()), &base).unwrap(), model.tokenize("Hello world").unwrap());
     // The limits themselves are allowed.
     let edge = with(&|o| {
         o.sampling = SamplingParams { temperature: 100.0, top_k: 1, top_p: 1.0, repetition_penalty: 100.0, seed: Some(1) };

@@ -164,6 +164,18 @@ impl Model {
         Ok(prompt)
     }
 
+    /// Checks a generation as the engine does when it admits it (options, tokenizing a text,
+    /// the prompt's ids and length), without queueing anything; the prompt's ids as the model
+    /// will see them. A server calls it to answer bad input before it starts a response.
+    pub fn check_generation(&self, prompt: Prompt, opts: &GenerateOptions) -> Result<Vec<u32>> {
+        opts.validate()?;
+        let ids = match prompt {
+            Prompt::Text(text) => self.tokenize(&text)?,
+            Prompt::Ids(ids) => ids,
+        };
+        self.prepare_prompt(&ids)
+    }
+
     /// Generates from token ids on this thread. `abort` is checked between steps: a set flag
     /// ends the generation within one step with `StopReason::Aborted` and what was generated so
     /// far. `on_token` sees each new id with the text it completes.

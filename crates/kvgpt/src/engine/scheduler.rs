@@ -536,12 +536,7 @@ impl<'m, 'c> Scheduler<'m, 'c> {
         let model = self.model;
         let GenerateRequest { prompt, options: opts, abort, on_token, on_done } = r;
         let prepared = (|| {
-            opts.validate()?;
-            let ids = match prompt {
-                Prompt::Text(text) => model.tokenize(&text)?,
-                Prompt::Ids(ids) => ids,
-            };
-            let prompt = model.prepare_prompt(&ids)?;
+            let prompt = model.check_generation(prompt, &opts)?;
             let sampler = Sampler::new(opts.sampling.clone(), model.config().vocab_size)?;
             let session = if opts.max_new_tokens > 0 && !abort.is_set() {
                 Some(Session::new(model.gpt2(), prompt.len() + opts.max_new_tokens, opts.use_cache)?)
