@@ -8,7 +8,10 @@
 # stub with libcuda's soname; the real one comes from the GPU machine's driver at run time.
 #
 #   bash scripts/build-cuda.sh            # -> kvgpt.linux-x64-gnu.cuda.node
-#   CUDA_COMPUTE_CAP=90 (default: Hopper, H100/H200), CARGO_TARGET_DIR (default target-cuda)
+#   CUDA_COMPUTE_CAP (default 80, as the release's npm package: the kernels are PTX for compute
+#   8.0, which the driver compiles for Ampere, Ada, Hopper and newer; candle's q8_0 kernels are
+#   machine code for that capability alone, so q8_0 runs on 8.x GPUs; 90 builds them for
+#   H100/H200), CARGO_TARGET_DIR (default target-cuda)
 #
 # Run time needs: an NVIDIA driver for CUDA 13 (>= 580), and libcudart.so.13, libcublas.so.13,
 # libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 on the loader path (LD_LIBRARY_PATH), e.g. from
@@ -19,7 +22,7 @@ cd "$(dirname "$0")/.."
 CUDA_VERSION_PIN=13.0.88
 WHEELS="${CUDA_WHEELS:-$PWD/.cuda/wheels}"
 HOME_DIR="${CUDA_HOME_DIR:-$PWD/.cuda/home}"
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
 
 if [ ! -x "$WHEELS/nvidia/cu13/bin/nvcc" ]; then

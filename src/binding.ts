@@ -66,8 +66,11 @@ export function requireCudaBinding(): { binding: Binding } | { missing: string }
   }
   return {
     missing:
-      `the CUDA build of kvgpt is not installed (looked for ${failures.join(', ')}): build it with scripts/build-cuda.sh ` +
-      `and set KVGPT_CUDA_BINARY to the .node file it writes`,
+      `the CUDA build of kvgpt is not installed (looked for ${failures.join(', ')}): ` +
+      (name === 'linux-x64-gnu'
+        ? `npm install kvgpt brings it on ${name} as the optional dependency kvgpt-${name}-cuda (reinstall without --omit=optional), `
+        : `there is no prebuilt one for ${name}; `) +
+      `or build it with scripts/build-cuda.sh and set KVGPT_CUDA_BINARY to the .node file it writes`,
   };
 }
 

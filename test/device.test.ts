@@ -22,6 +22,7 @@ describe('device and dtype', () => {
     expect(err).toBeInstanceOf(KvgptError);
     expect(err.code).toBe('KVGPT_DEVICE');
     expect(err.message).toMatch(/the CUDA build of kvgpt is not installed .*no-such-kvgpt\.cuda\.node.*scripts\/build-cuda\.sh/);
+    expect(err.message).toMatch(/optional dependency kvgpt-linux-x64-gnu-cuda/);
     const auto = await Gpt2.load(TINY, { device: 'auto' });
     expect(auto.info.device).toBe('cpu');
     const r = reference(TINY).prompts[0];

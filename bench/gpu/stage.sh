@@ -2,7 +2,8 @@
 # Stages what bench/gpu/run.sh needs on a GPU machine that has no Rust and no Node, into
 # $PAYLOAD (default .gpu, git-ignored): a Node binary (xz), the CPU and CUDA addons, dist/ and
 # the scripts, and the Rust parity and batch test binaries built with --features cuda.
-# Run after `npm run build` and `bash scripts/build-cuda.sh` (same CUDA env and target dir).
+# Run after `npm run build` and `CUDA_COMPUTE_CAP=90 bash scripts/build-cuda.sh` (same CUDA env,
+# capability and target dir; 90 builds candle's q8_0 kernels for the H200, whose parity suite runs q8_0).
 # The call carries 64 MiB with the repository (about 21 MB): KVGPT_GPU_TESTS picks the test
 # binaries (about 8 MB each; default "parity batch"), and KVGPT_STAGE_CPU_ADDON=0 leaves the
 # CPU addon out (the CUDA build then serves device 'cpu' too).

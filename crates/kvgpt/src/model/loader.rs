@@ -35,7 +35,8 @@ impl DeviceKind {
         }
     }
 
-    fn open(self) -> Result<Device> {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // dtype matters on CUDA only
+    fn open(self, dtype: WeightDType) -> Result<Device> {
         let device = match self {
             Self::Cpu => return Ok(Device::Cpu),
             Self::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
@@ -53,9 +54,32 @@ impl DeviceKind {
             // every allocation and recorded at every kernel argument) only cost host time.
             // SAFETY: no tensor of this device is used on another stream.
             unsafe { d.disable_event_tracking() };
+            // q8_0's products are machine code for the build's GPU (see static_kernels_run_on);
+            // candle's portable fallback gave wrong ids on an H200 with a build for 8.0 too
+            // (bench/gpu/NOTES.md, run 14), so on any other GPU q8_0 is refused, not wrong.
+            if dtype == WeightDType::Q8_0 && !crate::cuda::static_kernels_run_on(d)? {
+                if self == Self::Auto {
+                    return Ok(Device::Cpu);
+                }
+                let (major, minor) = d.cuda_stream().context().compute_capability().unwrap_or((0, 0));
+                return Err(Error::Device(format!(
+                    "dtype 'q8_0' on this GPU (compute capability {major}.{minor}) needs a CUDA build for it, and this one's q8_0 kernels are for {}: use dtype 'f16' or 'bf16' on it, 'q8_0' on the CPU, or build with CUDA_COMPUTE_CAP={major}{minor} (scripts/build-cuda.sh)",
+                    crate::cuda::BUILD_COMPUTE_CAP
+                )));
+            }
         }
         Ok(device)
     }
+}
+
+/// Whether machine code built for compute capability `build` ("80", "86", "90", as
+/// CUDA_COMPUTE_CAP) runs on a GPU of capability major.minor: sm_XY runs on XZ for Z >= Y; from
+/// 9.0 on candle builds it arch-specific (sm_90a), which runs on that capability alone.
+pub fn machine_code_fits(build: &str, major: i32, minor: i32) -> Result<bool> {
+    let digits: String = build.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let cap: i32 = digits.parse().map_err(|_| Error::internal(format!("CUDA_COMPUTE_CAP {build:?} at build time")))?;
+    let (b_major, b_minor) = (cap / 10, cap % 10);
+    Ok(if cap >= 90 { (major, minor) == (b_major, b_minor) } else { major == b_major && minor >= b_minor })
 }
 
 /// The dtype the weights are held in. Checkpoints load as f32 and are converted once, at load.
@@ -144,7 +168,7 @@ impl Model {
     /// Loads a model directory or hub id (see `hub::resolve`).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
-        let device = opts.device.open()?;
+        let device = opts.device.open(opts.dtype)?;
         let settings = opts.hub.clone().unwrap_or_else(HubSettings::from_env);
         let dir = hub::resolve(model, &settings)?;
         Self::load_dir(&dir, &device, opts.dtype, start)
@@ -155,7 +179,7 @@ impl Model {
     /// `opts.hub` is not used.
     pub fn random(config: Gpt2Config, seed: u64, opts: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
-        let device = opts.device.open()?;
+        let device = opts.device.open(opts.dtype)?;
         let tensors = random_tensors(&config, seed, &device)?;
         let gpt2 = Gpt2::from_tensors(config, tensors, &device, opts.dtype)?;
         let info = ModelInfo::new(&gpt2, PathBuf::new(), PathBuf::new(), start);
@@ -282,4 +306,22 @@ fn random_tensors(cfg: &Gpt2Config, seed: u64, device: &Device) -> Result<HashMa
         map.insert("lm_head.weight".to_string(), random(&[v, c])?);
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::machine_code_fits;
+
+    #[test]
+    fn machine_code_runs_on_its_major_version_from_its_minor_up_and_sm_90a_on_9_0_alone() {
+        let fits = |build, major, minor| machine_code_fits(build, major, minor).unwrap();
+        // A build for 8.0: A100 (8.0), A10/RTX 30 (8.6), L4/RTX 40 (8.9); not Hopper or Volta.
+        assert!(fits("80", 8, 0) && fits("80", 8, 6) && fits("80", 8, 9));
+        assert!(!fits("80", 9, 0) && !fits("80", 7, 5) && !fits("80", 10, 0));
+        assert!(fits("86", 8, 9) && !fits("86", 8, 0));
+        // 9.0 and later are arch-specific (sm_90a): H100/H200 only.
+        assert!(fits("90", 9, 0) && fits("90a", 9, 0));
+        assert!(!fits("90", 8, 9) && !fits("90", 10, 0) && !fits("90", 9, 1));
+        assert!(machine_code_fits("", 8, 0).is_err());
+    }
 }
