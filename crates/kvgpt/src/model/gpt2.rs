@@ -12,6 +12,7 @@ use crate::model::config::{Activation, Gpt2Config};
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::Linear;
 use crate::model::loader::WeightDType;
+use crate::model::weights::TensorSource;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
 use std::collections::HashMap;
@@ -63,9 +64,9 @@ pub struct Gpt2 {
     dtype: WeightDType,
 }
 
-/// Takes named tensors out of the checkpoint map, checking each shape against the config.
+/// Takes named tensors out of the checkpoint, checking each shape against the config.
 struct Weights<'a> {
-    map: &'a mut HashMap<String, Tensor>,
+    map: &'a mut dyn TensorSource,
     dtype: WeightDType,
 }
 
@@ -73,7 +74,7 @@ impl Weights<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self
             .map
-            .remove(name)
+            .take(name)?
             .ok_or_else(|| Error::WeightsMismatch(format!("tensor {name} is missing")))?;
         if t.dims() != shape {
             return Err(Error::WeightsMismatch(format!(
@@ -105,10 +106,17 @@ impl Gpt2 {
     /// Builds the model from f32 checkpoint tensors named in the `h.0.attn.c_attn.weight` style,
     /// converting them to `dtype`.
     pub fn from_tensors(cfg: Gpt2Config, mut map: HashMap<String, Tensor>, device: &Device, dtype: WeightDType) -> Result<Self> {
+        Self::from_source(cfg, &mut map, device, dtype)
+    }
+
+    /// As `from_tensors`, taking each tensor from `source` as it is needed and converting it
+    /// before the next is taken.
+    pub fn from_source(cfg: Gpt2Config, source: &mut dyn TensorSource, device: &Device, dtype: WeightDType) -> Result<Self> {
         let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon);
         let act = dtype.activations(device);
-        let lm_head_untied = map.remove("lm_head.weight");
-        let mut w = Weights { map: &mut map, dtype };
+        // Tied, a checkpoint's own lm_head.weight (some carry one) is not read at all.
+        let lm_head_untied = if cfg.tie_word_embeddings { None } else { source.take("lm_head.weight")? };
+        let mut w = Weights { map: &mut *source, dtype };
         let wte = w.take("wte.weight", &[v, c])?;
         let wpe = w.take("wpe.weight", &[cfg.n_positions, c])?.to_dtype(act)?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
@@ -135,7 +143,7 @@ impl Gpt2 {
             });
         }
         let ln_f = w.layer_norm("ln_f", c, eps)?;
-        if let Some(extra) = map.keys().find(|k| k.starts_with("h.")) {
+        if let Some(extra) = source.remaining().into_iter().find(|k| k.starts_with("h.")) {
             return Err(Error::WeightsMismatch(format!(
                 "tensor {extra} is not used by a {}-layer config",
                 cfg.n_layer

@@ -190,8 +190,8 @@ impl Model {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let generation = GenerationConfig::from_dir(dir)?;
         let source = WeightsSource::find(dir)?;
-        let tensors = weights::load_tensors(&source, device)?;
-        let gpt2 = Gpt2::from_tensors(config.clone(), tensors, device, dtype)?;
+        let mut tensors = weights::open_tensors(&source, device)?;
+        let gpt2 = Gpt2::from_source(config.clone(), tensors.as_mut(), device, dtype)?;
         let tokenizer = match Tokenizer::from_dir(dir) {
             Ok(t) => Some(t),
             Err(Error::FileNotFound { .. }) => None, // ids-only use stays possible
