@@ -170,6 +170,14 @@ impl Gpt2 {
         // dtype shares its storage); packed (CPU f16/bf16/q8_0) or quantized, the lm_head is a
         // copy in that form and wte stays as the embedding table.
         let lm_head = Linear::new(lm_head, None, dtype)?;
+        // The lookup table of a packed dtype on the CPU (f32 activations) in f16: half the
+        // bytes (77 MB of GPT-2 small's 154); the few rows a step looks up widen to f32. Not
+        // bf16 even for bf16 weights: its 8-bit mantissa on every embedding moved tiny-gpt2's
+        // greedy ids off HF's at the first step.
+        let wte = match (device.is_cpu(), dtype) {
+            (true, WeightDType::F16 | WeightDType::Bf16 | WeightDType::Q8_0) => wte.to_dtype(DType::F16)?,
+            _ => wte,
+        };
         let act = match cfg.activation {
             Activation::GeluTanh => candle_nn::Activation::NewGelu,
             Activation::GeluErf => candle_nn::Activation::Gelu,
@@ -189,7 +197,7 @@ impl Gpt2 {
 
     /// The dtype of activations and of the KV cache.
     pub fn dtype(&self) -> DType {
-        self.wte.dtype()
+        self.wpe.dtype()
     }
 
     pub fn weight_dtype(&self) -> WeightDType {
@@ -266,7 +274,8 @@ impl Gpt2 {
         let n = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?; // (N, C)
+        let tokens = self.wte.index_select(&ids, 0)?.to_dtype(self.wpe.dtype())?;
+        let mut x = (tokens + self.wpe.index_select(&positions, 0)?)?; // (N, C)
         let step = StepAttention::new(&rows, self.blocks.len(), &self.device, x.dtype())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.ln_1.forward(&x)?;
