@@ -85,8 +85,9 @@ pub fn machine_code_fits(build: &str, major: i32, minor: i32) -> Result<bool> {
 /// The dtype the weights are held in. Checkpoints load as f32 and are converted once, at load.
 /// `F16`/`Bf16`: weights, activations and the KV cache in that dtype; logits come back as f32.
 /// `Q8_0`: the linear layers' weights quantized to ggml's q8_0 (blocks of 32 int8 with an f16
-/// scale, 8.5 bits a weight) through candle's quantized matmul; embeddings, layer norms,
-/// biases, activations and the KV cache stay f32.
+/// scale, 8.5 bits a weight) through candle's quantized matmul; layer norms, biases,
+/// activations and the KV cache stay f32, and embeddings too but on the CPU, where every
+/// packed dtype looks them up from an f16 table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDType {
     #[default]
