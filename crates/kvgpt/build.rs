@@ -14,7 +14,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("attention.ptx");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     // The capability candle's static kernels are built for too (the same variable): see
-    // cuda::static_kernels_run_on.
+    // cuda::compute_capability.
     println!("cargo:rustc-env=KVGPT_CUDA_COMPUTE_CAP={cap}");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| match std::env::var("CUDA_HOME") {
         Ok(home) => format!("{home}/bin/nvcc"),

@@ -167,6 +167,14 @@ pub(crate) fn to_ids(ids: &[f64]) -> kvgpt::Result<Vec<u32>> {
         .collect()
 }
 
+/// A prompt as JS passes it, a string or token ids, as the engine takes it.
+fn to_prompt(prompt: Either<String, Vec<f64>>) -> napi::Result<Prompt> {
+    Ok(match prompt {
+        Either::A(text) => Prompt::Text(text),
+        Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
+    })
+}
+
 #[napi]
 impl NativeModel {
     #[napi]
@@ -224,10 +232,7 @@ impl NativeModel {
     pub fn check_generation(&self, prompt: Either<String, Vec<f64>>, options: Option<NativeGenerateOptions>) -> napi::Result<Vec<u32>> {
         let model = self.get()?;
         let opts = options.unwrap_or_default().resolve(&model).napi()?;
-        let prompt = match prompt {
-            Either::A(text) => Prompt::Text(text),
-            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
-        };
+        let prompt = to_prompt(prompt)?;
         model.check_generation(prompt, &opts).napi()
     }
 
@@ -244,10 +249,7 @@ impl NativeModel {
     ) -> napi::Result<Object<'env>> {
         let Loaded { model, engine } = loaded(&self.inner)?;
         let opts = options.unwrap_or_default().resolve(&model).napi()?;
-        let prompt = match prompt {
-            Either::A(text) => Prompt::Text(text),
-            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
-        };
+        let prompt = to_prompt(prompt)?;
         let (deferred, promise) = env.create_deferred::<NativeGeneration, Box<dyn FnOnce(Env) -> napi::Result<NativeGeneration>>>()?;
         let on_token = on_token.map(|cb| {
             Box::new(move |e: kvgpt::TokenEvent<'_>| {
@@ -277,10 +279,7 @@ impl NativeModel {
         let Loaded { model, engine } = loaded(&self.inner)?;
         let options = options.unwrap_or_default().resolve().napi()?;
         options.resolve(model.config().n_positions).napi()?;
-        let text = match text {
-            Either::A(text) => Prompt::Text(text),
-            Either::B(ids) => Prompt::Ids(to_ids(&ids).napi()?),
-        };
+        let text = to_prompt(text)?;
         let (deferred, promise) = env.create_deferred::<NativeScore, Box<dyn FnOnce(Env) -> napi::Result<NativeScore>>>()?;
         let on_progress = on_progress.map(|cb| {
             Box::new(move |scored: usize, total: usize| {

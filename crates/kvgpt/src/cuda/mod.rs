@@ -22,19 +22,17 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// The compute capability this build's kernels target (CUDA_COMPUTE_CAP at build time).
 pub const BUILD_COMPUTE_CAP: &str = env!("KVGPT_CUDA_COMPUTE_CAP");
 
-/// Whether candle's statically compiled kernels can run on `device`. Most of candle's kernels
-/// (and kvgpt's) are PTX, which the driver compiles for whatever GPU it finds; but the fast q8_0
-/// products (llama.cpp's mmvq/mmq, `candle_kernels::ffi`) are machine code for the build's one
-/// architecture: sm_XY runs on GPUs XZ with Z >= Y, and from 9.0 on (built as sm_90a) only on
-/// that very GPU. Elsewhere their launches fail without an error and leave garbage: on an H200
-/// a build for 8.0 gave q8_0 greedy ids that agreed with HF's for 0 steps.
-pub fn static_kernels_run_on(device: &CudaDevice) -> Result<bool> {
-    let (major, minor) = device
+/// The GPU's compute capability, (major, minor). Most of candle's kernels (and kvgpt's) are
+/// PTX, which the driver compiles for whatever GPU it finds; but the fast q8_0 products
+/// (llama.cpp's mmvq/mmq, `candle_kernels::ffi`) are machine code for `BUILD_COMPUTE_CAP` alone
+/// (see `loader::machine_code_fits`). Elsewhere their launches fail without an error and leave
+/// garbage: on an H200 a build for 8.0 gave q8_0 greedy ids that agreed with HF's for 0 steps.
+pub fn compute_capability(device: &CudaDevice) -> Result<(i32, i32)> {
+    device
         .cuda_stream()
         .context()
         .compute_capability()
-        .map_err(|e| Error::Device(format!("cannot read the GPU's compute capability: {e}")))?;
-    crate::model::loader::machine_code_fits(BUILD_COMPUTE_CAP, major, minor)
+        .map_err(|e| Error::Device(format!("cannot read the GPU's compute capability: {e}")))
 }
 
 /// The step's layout on the device, for every layer of one forward pass.

@@ -54,18 +54,20 @@ impl DeviceKind {
             // every allocation and recorded at every kernel argument) only cost host time.
             // SAFETY: no tensor of this device is used on another stream.
             unsafe { d.disable_event_tracking() };
-            // q8_0's products are machine code for the build's GPU (see static_kernels_run_on);
+            // q8_0's products are machine code for the build's GPU (see cuda::compute_capability);
             // candle's portable fallback gave wrong ids on an H200 with a build for 8.0 too
             // (bench/gpu/NOTES.md, run 14), so on any other GPU q8_0 is refused, not wrong.
-            if dtype == WeightDType::Q8_0 && !crate::cuda::static_kernels_run_on(d)? {
-                if self == Self::Auto {
-                    return Ok(Device::Cpu);
+            if dtype == WeightDType::Q8_0 {
+                let (major, minor) = crate::cuda::compute_capability(d)?;
+                if !machine_code_fits(crate::cuda::BUILD_COMPUTE_CAP, major, minor)? {
+                    if self == Self::Auto {
+                        return Ok(Device::Cpu);
+                    }
+                    return Err(Error::Device(format!(
+                        "dtype 'q8_0' on this GPU (compute capability {major}.{minor}) needs a CUDA build for it, and this one's q8_0 kernels are for {}: use dtype 'f16' or 'bf16' on it, 'q8_0' on the CPU, or build with CUDA_COMPUTE_CAP={major}{minor} (scripts/build-cuda.sh)",
+                        crate::cuda::BUILD_COMPUTE_CAP
+                    )));
                 }
-                let (major, minor) = d.cuda_stream().context().compute_capability().unwrap_or((0, 0));
-                return Err(Error::Device(format!(
-                    "dtype 'q8_0' on this GPU (compute capability {major}.{minor}) needs a CUDA build for it, and this one's q8_0 kernels are for {}: use dtype 'f16' or 'bf16' on it, 'q8_0' on the CPU, or build with CUDA_COMPUTE_CAP={major}{minor} (scripts/build-cuda.sh)",
-                    crate::cuda::BUILD_COMPUTE_CAP
-                )));
             }
         }
         Ok(device)
