@@ -14,6 +14,8 @@ const [engine, precision] = process.argv.slice(2);
 const CONTEXTS = (process.env.KVGPT_BENCH_CONTEXTS ?? '16,256,512,1000').split(',').map(Number);
 const STEPS = Number(process.env.KVGPT_PEERS_STEPS ?? 20);
 const PREFILL = 512;
+// bench/common.js's ids, written again: that module loads kvgpt, whose addon would count in
+// node-llama-cpp's peak RSS.
 const ids = (n) => Array.from({ length: n }, (_, i) => (i * 4099 + 13) % 50257);
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 
