@@ -225,18 +225,6 @@ pub(crate) fn rows_of(x: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> ca
     Ok(x.len() / k)
 }
 
-/// (m, n) rows each equal to the bias, or zeros.
-pub(crate) fn start_with_bias(m: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    match bias {
-        Some(b) => {
-            let mut y = vec![0f32; m * n];
-            y.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-            y
-        }
-        None => vec![0f32; m * n],
-    }
-}
-
 /// y (m, n_w) = x (m, k) W^T (+ y when `accumulate`), W (n_w, k) row-major, y's rows `y_stride`
 /// apart: gemm on the rayon pool. Adding to a y that starts as the bias fuses the bias add.
 pub(crate) fn gemm_xwt(x: &[f32], w: &[f32], k: usize, y: &mut [f32], y_stride: usize, accumulate: bool) {

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod bandwidth;
+pub mod int8;
 pub mod matvec;
 pub mod ops;
 pub mod packed;
