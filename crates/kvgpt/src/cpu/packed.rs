@@ -505,6 +505,19 @@ impl PackedLinear {
     pub fn bytes(&self) -> usize {
         self.w.bytes() + 4 * self.b.as_ref().map_or(0, Vec::len)
     }
+
+    /// Rows `ids` of W widened to f32, (ids.len(), k): a lookup table's rows.
+    pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let (n, k) = self.w.shape();
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, out) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            if id as usize >= n {
+                candle_core::bail!("row {id} of a {n}-row table");
+            }
+            self.w.row(id as usize, out); // packed rows are written into `out`
+        }
+        Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +622,22 @@ mod tests {
         let nb = k / BLOCK;
         let got = [0, 1, 2, 3].map(|i| unsafe { q8_dot_avx2(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]) });
         assert!(close(got, [0, 1, 2, 3].map(|i| q8_dot_portable(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]))));
+    }
+
+    /// A packed matrix as a lookup table: its rows widened to f32, as `dequantize` gives them;
+    /// an id past the table is an error.
+    #[test]
+    fn rows_are_the_dequantized_rows() {
+        let d = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &d).unwrap();
+        for packing in ALL {
+            let lin = PackedLinear::new(&w, None, packing).unwrap();
+            let all = lin.w.dequantize();
+            let got: Vec<f32> = lin.rows(&[3, 39, 3, 0]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = [3, 39, 3, 0].iter().flat_map(|&r| all[r * 64..(r + 1) * 64].to_vec()).collect();
+            assert_eq!(got, want, "{packing:?}");
+            assert!(lin.rows(&[40]).is_err());
+        }
     }
 
     #[test]

@@ -54,7 +54,7 @@ struct Block {
 
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    wte: Tensor,     // (vocab, C)
+    wte: Option<Tensor>, // (vocab, C); None: looked up in the tied lm_head's packed rows
     wpe: Tensor,     // (n_positions, C)
     blocks: Vec<Block>,
     ln_f: LayerNorm,
@@ -150,6 +150,7 @@ impl Gpt2 {
             )));
         }
         let wte = wte.to_dtype(act)?;
+        let tied = cfg.tie_word_embeddings;
         let lm_head = match (cfg.tie_word_embeddings, lm_head_untied) {
             (false, Some(t)) if t.dims() == [v, c] => t,
             (false, Some(t)) => {
@@ -168,15 +169,21 @@ impl Gpt2 {
         };
         // Tied: with a dense dtype both are the one tensor (to_dtype of a tensor already in that
         // dtype shares its storage); packed (CPU f16/bf16/q8_0) or quantized, the lm_head is a
-        // copy in that form and wte stays as the embedding table.
+        // copy in that form.
         let lm_head = Linear::new(lm_head, None, dtype)?;
-        // The lookup table of a packed dtype on the CPU (f32 activations) in f16: half the
-        // bytes (77 MB of GPT-2 small's 154); the few rows a step looks up widen to f32. Not
-        // bf16 even for bf16 weights: its 8-bit mantissa on every embedding moved tiny-gpt2's
-        // greedy ids off HF's at the first step.
-        let wte = match (device.is_cpu(), dtype) {
-            (true, WeightDType::F16 | WeightDType::Bf16 | WeightDType::Q8_0) => wte.to_dtype(DType::F16)?,
-            _ => wte,
+        // The lookup table of a packed dtype on the CPU (f32 activations). Tied f16 and q8_0:
+        // the lm_head's packed rows themselves, widened to f32 for the few a step looks up (as
+        // llama.cpp reads a tied q8_0 token_embd; GPT-2 small: 77 MB less than a table of its
+        // own). f16 rows are the f16 table's values exactly; q8_0's put each embedding on the
+        // 8-bit grid (parity: tests/parity.rs). bf16 keeps an f16 table: its 8-bit mantissa on
+        // every embedding moved tiny-gpt2's greedy ids off HF's at the first step.
+        let packed_cpu = device.is_cpu() && matches!(dtype, WeightDType::F16 | WeightDType::Bf16 | WeightDType::Q8_0);
+        let wte = if packed_cpu && tied && matches!(dtype, WeightDType::F16 | WeightDType::Q8_0) {
+            None
+        } else if packed_cpu {
+            Some(wte.to_dtype(DType::F16)?)
+        } else {
+            Some(wte)
         };
         let act = match cfg.activation {
             Activation::GeluTanh => candle_nn::Activation::NewGelu,
@@ -272,9 +279,11 @@ impl Gpt2 {
             }
         }
         let n = ids.len();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let tokens = match &self.wte {
+            Some(wte) => wte.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?.to_dtype(self.wpe.dtype())?,
+            None => self.lm_head.rows(&ids)?,
+        };
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let tokens = self.wte.index_select(&ids, 0)?.to_dtype(self.wpe.dtype())?;
         let mut x = (tokens + self.wpe.index_select(&positions, 0)?)?; // (N, C)
         let step = StepAttention::new(&rows, self.blocks.len(), &self.device, x.dtype())?;
         for (i, block) in self.blocks.iter().enumerate() {

@@ -67,6 +67,14 @@ impl Linear {
         }
     }
 
+    /// Rows `ids` of a packed W as f32 (N, in): a tied lm_head used as the embedding table.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.w {
+            Weight::Packed(w) => Ok(w.rows(ids)?),
+            _ => Err(Error::InvalidInput("only packed weights give rows as a lookup table".into())),
+        }
+    }
+
     /// x (N, in) -> (N, out). On the CPU the rows are grouped by `plan` (see `RowPlan`);
     /// elsewhere it is one product over all rows.
     pub fn forward(&self, x: &Tensor, plan: &RowPlan) -> Result<Tensor> {
