@@ -19,7 +19,7 @@ fn main() {
         let w = Tensor::randn(0f32, 0.02, (n, k), &d).unwrap();
         for m in [1usize, 4, 8, 16, 32, 64] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &d).unwrap();
-            let (small, big) = (RowPlan { small: m, big: vec![] }, RowPlan { small: 0, big: vec![m] });
+            let (small, big) = (RowPlan { small: m, chunk_rows: 0, big: vec![] }, RowPlan { small: 0, chunk_rows: 0, big: vec![m] });
             let (mut a, mut b) = (vec![], vec![]);
             for _ in 0..repeats {
                 let t = Instant::now();

@@ -8,6 +8,7 @@
 //! independent of the rest of the step (batch invariance): every kernel sums a (W row, x row)
 //! pair in the same order, and a long chunk always gets a gemm of its own.
 
+use crate::cpu::int8;
 use crate::cpu::ops::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,20 +27,61 @@ pub const MAX_ROWS: usize = 32;
 /// and a long chunk's gemm sees that chunk alone (gemm's blocking can depend on the number of
 /// rows: for W of 50 x 768, a chunk's rows come out otherwise in one call of 73 rows than in
 /// its own call of 40, so chunks are not merged).
+///
+/// The last `chunk_rows` of the small rows are those of chunks of `int8::MIN_ROWS` rows or more
+/// (the rest are decode steps and chunks shorter than that): q8_0 weights on a CPU with
+/// AVX512-VNNI send those rows and every long chunk's through one integer product
+/// (`cpu::int8`, whose rows are independent of each other), the rest through matvec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowPlan {
     pub small: usize,
+    pub chunk_rows: usize,
     pub big: Vec<usize>,
 }
 
 impl RowPlan {
     /// m rows of one sequence.
     pub fn single(m: usize) -> Self {
+        let chunk_rows = if m >= int8::MIN_ROWS { m } else { 0 };
         if m <= MAX_ROWS {
-            Self { small: m, big: vec![] }
+            Self { small: m, chunk_rows, big: vec![] }
         } else {
-            Self { small: 0, big: vec![m] }
+            Self { small: 0, chunk_rows: 0, big: vec![m] }
         }
+    }
+
+    /// An empty plan, to add segments to in `rank` order.
+    pub fn empty() -> Self {
+        Self { small: 0, chunk_rows: 0, big: vec![] }
+    }
+
+    /// Adds a segment of `t` rows at the end.
+    pub fn push(&mut self, t: usize) {
+        debug_assert!(self.big.is_empty() || t > MAX_ROWS, "segments in rank order");
+        debug_assert!(self.chunk_rows == 0 || t >= int8::MIN_ROWS, "segments in rank order");
+        if t > MAX_ROWS {
+            self.big.push(t);
+        } else {
+            self.small += t;
+            if t >= int8::MIN_ROWS {
+                self.chunk_rows += t;
+            }
+        }
+    }
+
+    /// Where a segment of `t` rows goes in a plan's order: decode steps and chunks under
+    /// `int8::MIN_ROWS`, then chunks up to `MAX_ROWS`, then longer ones.
+    pub fn rank(t: usize) -> u8 {
+        match t {
+            t if t < int8::MIN_ROWS => 0,
+            t if t <= MAX_ROWS => 1,
+            _ => 2,
+        }
+    }
+
+    /// The rows that go through the few-row kernels whatever the weights (the first small ones).
+    pub fn few_rows(&self) -> usize {
+        self.small - self.chunk_rows
     }
 
     /// Rows in all.
@@ -499,7 +541,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, n, &d).unwrap();
             let x = Tensor::randn(0f32, 1.0, (45 + 40 + 33, k), &d).unwrap();
             let alone = |rows: &Tensor| matvec_cpu(rows, &w, Some(&b), None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let plan = RowPlan { small: 45, big: vec![40, 33] };
+            let plan = RowPlan { small: 45, chunk_rows: 0, big: vec![40, 33] };
             let all = matvec_cpu(&x, &w, Some(&b), Some(&plan)).unwrap();
             for i in [0, 3, 4, 7, 44] {
                 let got = all.get(i).unwrap().to_vec1::<f32>().unwrap();

@@ -123,7 +123,7 @@ impl PackedMatrix {
     fn matmul_in_slabs(&self, x: &[f32], bias: Option<&[f32]>, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         let m = matvec::rows_of(x, n, k, bias)?;
-        if m <= matvec::MAX_ROWS {
+        if m <= matvec::MAX_ROWS && (m < int8::MIN_ROWS || !self.int8_rows()) {
             return self.few_rows(x, bias);
         }
         let mut y = vec![0f32; m * n];
@@ -133,16 +133,82 @@ impl PackedMatrix {
 
     /// y = x W^T (+ b) with x's rows grouped by `plan` (see `matvec::RowPlan`).
     pub fn matmul_by(&self, x: &[f32], bias: Option<&[f32]>, plan: &matvec::RowPlan) -> candle_core::Result<Vec<f32>> {
-        matvec::rows_of(x, self.n, self.k, bias)?;
+        let m = matvec::rows_of(x, self.n, self.k, bias)?;
+        if self.int8_rows() {
+            // Decode steps and short chunks through the few-row kernels, the other chunks' rows
+            // in one integer product (each of its rows independent of the others).
+            let (one, n, k) = (plan.few_rows(), self.n, self.k);
+            if plan.rows() != m {
+                candle_core::bail!("linear: x has {m} rows, the row plan {}", plan.rows());
+            }
+            let mut y = if one > 0 { self.few_rows(&x[..one * k], bias)? } else { vec![] };
+            y.resize(m * n, 0.0);
+            if m > one {
+                self.many_rows(&x[one * k..], bias, &mut y[one * n..], SLAB_FLOATS);
+            }
+            return Ok(y);
+        }
         plan.apply(x, self.k, self.n, |x| self.few_rows(x, bias), |x, y| self.many_rows(x, bias, y, SLAB_FLOATS))
     }
 
-    /// One row through the four-row kernels, a few through matvec's (rows expanded in L1).
+    /// Whether products of two rows or more take the integer path (q8_0 on AVX512-VNNI).
+    fn int8_rows(&self) -> bool {
+        matches!(self.data, Data::Q8 { .. }) && int8::chosen()
+    }
+
+    /// A few rows x (m * k): W's rows four at a time straight from their packed form, widened
+    /// once for up to four rows of x. Every (W row, x row) pair is summed by the same operations
+    /// in the same order whatever m and the pair's place (`dot4::<R>` for any R, the last n % 4
+    /// rows of W one pair at a time), so a row's result does not depend on the other rows of a
+    /// step (batch invariance, see `matvec::RowPlan`).
     fn few_rows(&self, x: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
-        if x.len() == self.k {
-            return Ok(self.matvec(x, bias));
+        let (n, k) = (self.n, self.k);
+        let m = matvec::rows_of(x, n, k, bias)?;
+        let rows: Vec<&[f32]> = x.chunks_exact(k.max(1)).collect();
+        let b = |r: usize| bias.map_or(0.0, |b| b[r]);
+        // Computed as y^T (n, m): each task owns whole rows of W and so a contiguous block.
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            let task_rows = out.len() / m;
+            let quads = task_rows / 4;
+            for qd in 0..quads {
+                let r = first + 4 * qd;
+                let out = &mut out[4 * qd * m..(4 * qd + 4) * m];
+                let mut i = 0;
+                while i < m {
+                    let got = match m - i {
+                        1 => self.dot4::<1>(r, [rows[i]]).to_vec(),
+                        2 => self.dot4::<2>(r, [rows[i], rows[i + 1]]).to_vec(),
+                        3 => self.dot4::<3>(r, [rows[i], rows[i + 1], rows[i + 2]]).to_vec(),
+                        _ => self.dot4::<4>(r, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]).to_vec(),
+                    };
+                    for (xi, v) in got.iter().enumerate() {
+                        for j in 0..4 {
+                            out[j * m + i + xi] = v[j] + b(r + j);
+                        }
+                    }
+                    i += got.len();
+                }
+            }
+            let mut scratch = vec![0f32; k];
+            for j in 4 * quads..task_rows {
+                let w = self.row(first + j, &mut scratch);
+                for (i, x) in rows.iter().enumerate() {
+                    out[j * m + i] = matvec::dot_portable(w, x) + b(first + j);
+                }
+            }
+        });
+        if m == 1 {
+            return Ok(yt);
         }
-        matvec::matvec_rows(x, self, bias)
+        let mut y = vec![0f32; m * n];
+        for (j, col) in yt.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                y[i * n + j] = *v;
+            }
+        }
+        Ok(y)
     }
 
     /// Many rows, compute-bound, into y (m, n), whatever it held: q8_0 in integer arithmetic
@@ -171,35 +237,11 @@ impl PackedMatrix {
         }
     }
 
-    /// One row x: W's rows four at a time straight from their packed form.
-    fn matvec(&self, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let b = |r: usize| bias.map_or(0.0, |b| b[r]);
-        let mut y = vec![0f32; self.n];
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            let len = out.len();
-            let mut quads = out.chunks_exact_mut(4);
-            for (i, y) in quads.by_ref().enumerate() {
-                let r = first + 4 * i;
-                let v = self.dot4(r, x);
-                for j in 0..4 {
-                    y[j] = v[j] + b(r + j);
-                }
-            }
-            let rest = quads.into_remainder();
-            let start = first + len - rest.len();
-            let mut scratch = vec![0f32; if rest.is_empty() { 0 } else { self.k }];
-            for (i, y) in rest.iter_mut().enumerate() {
-                *y = matvec::dot_portable(self.row(start + i, &mut scratch), x) + b(start + i);
-            }
-        });
-        y
-    }
-
-    /// Rows r..r + 4 of W dotted with x.
-    fn dot4(&self, r: usize, x: &[f32]) -> [f32; 4] {
+    /// Rows r..r + 4 of W dotted with each of R rows of x: `[x row][W row]`.
+    fn dot4<const R: usize>(&self, r: usize, x: [&[f32]; R]) -> [[f32; 4]; R] {
         let k = self.k;
         let rows = |i: usize| (r + i) * k..(r + i + 1) * k;
+        let each = |f: &dyn Fn(usize, &[f32]) -> f32| x.map(|x| [0, 1, 2, 3].map(|i| f(i, x)));
         match &self.data {
             Data::Q8 { q, d } => {
                 let nb = k / BLOCK;
@@ -211,10 +253,10 @@ impl PackedMatrix {
                         return unsafe { q8_dot4_avx512(qs, ds, x) };
                     }
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                        return [0, 1, 2, 3].map(|i| unsafe { q8_dot_avx2(qs[i], ds[i], x) });
+                        return each(&|i, x| unsafe { q8_dot_avx2(qs[i], ds[i], x) });
                     }
                 }
-                [0, 1, 2, 3].map(|i| q8_dot_portable(qs[i], ds[i], x))
+                each(&|i, x| q8_dot_portable(qs[i], ds[i], x))
             }
             Data::F16(h) => {
                 let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
@@ -227,7 +269,7 @@ impl PackedMatrix {
                         return unsafe { f16_dot4_avx2(ws, x) };
                     }
                 }
-                half_dot4_portable(ws, x, |h| h.to_f32())
+                x.map(|x| half_dot4_portable(ws, x, |h| h.to_f32()))
             }
             Data::Bf16(h) => {
                 let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
@@ -240,7 +282,7 @@ impl PackedMatrix {
                         return unsafe { bf16_dot4_avx2(ws, x) };
                     }
                 }
-                half_dot4_portable(ws, x, |h| h.to_f32())
+                x.map(|x| half_dot4_portable(ws, x, |h| h.to_f32()))
             }
         }
     }
@@ -307,35 +349,41 @@ fn q8_dot_portable(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
 // leaves too few loads in flight for the core's own prefetch (q8_0 lm_head on one thread:
 // 8.7 -> 4.5 ms; bench/NOTES.md item 9). Past W's end the prefetch address is never read.
 
-/// Four q8_0 rows: per block two 16-wide products of the widened int8 values with x (loaded
-/// once for the four rows), scaled into four independent accumulators.
+/// Four q8_0 rows, each with R rows of x: per block two 16-wide products of the widened int8
+/// values (widened once for the R rows of x) with x, scaled into independent accumulators, one
+/// a (x row, W row) pair, so a pair's sum is the same for any R.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn q8_dot4_avx512(q: [&[i8]; 4], d: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+unsafe fn q8_dot4_avx512<const R: usize>(q: [&[i8]; 4], d: [&[f32]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     let nb = d[0].len();
     for r in 0..4 {
         assert!(d[r].len() == nb && q[r].len() >= nb * BLOCK);
     }
-    assert!(x.len() >= nb * BLOCK);
-    let px = x.as_ptr();
+    for x in x {
+        assert!(x.len() >= nb * BLOCK);
+    }
+    let px = x.map(|x| x.as_ptr());
     let pq = q.map(|q| q.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for b in 0..nb {
         if b % 2 == 0 {
             for p in pq {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * nb * BLOCK + b * BLOCK));
             }
         }
-        let x0 = _mm512_loadu_ps(px.add(b * BLOCK));
-        let x1 = _mm512_loadu_ps(px.add(b * BLOCK + 16));
-        for r in 0..4 {
-            let w = |j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq[r].add(b * BLOCK + 16 * j) as *const __m128i)));
-            let p = _mm512_fmadd_ps(w(1), x1, _mm512_mul_ps(w(0), x0));
-            acc[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(*d[r].get_unchecked(b)), acc[r]);
+        let w = |r: usize, j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq[r].add(b * BLOCK + 16 * j) as *const __m128i)));
+        let ws = [0, 1, 2, 3].map(|r| [w(r, 0), w(r, 1)]);
+        for xi in 0..R {
+            let x0 = _mm512_loadu_ps(px[xi].add(b * BLOCK));
+            let x1 = _mm512_loadu_ps(px[xi].add(b * BLOCK + 16));
+            for r in 0..4 {
+                let p = _mm512_fmadd_ps(ws[r][1], x1, _mm512_mul_ps(ws[r][0], x0));
+                acc[xi][r] = _mm512_fmadd_ps(p, _mm512_set1_ps(*d[r].get_unchecked(b)), acc[xi][r]);
+            }
         }
     }
-    acc.map(|a| _mm512_reduce_add_ps(a))
+    acc.map(|a| a.map(|a| _mm512_reduce_add_ps(a)))
 }
 
 /// One q8_0 row, 8-wide: four products a block summed in a tree, so no chain links the blocks
@@ -383,21 +431,26 @@ fn half_dot4_portable<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn(&T) -> f32) -> 
     w.map(|w| w.iter().zip(x).map(|(w, x)| widen(w) * x).sum())
 }
 
-/// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with x, `$lanes` values a step in
-/// `$acc`-wide registers; `tail` widens one value for the last k % `$lanes`. One body for the
-/// AVX-512 (16 lanes) and AVX2 (8 lanes) kernels; inlined into their target-feature wrappers.
+/// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with each of R rows of x,
+/// `$lanes` values a step in `$acc`-wide registers (each W value widened once for the R rows,
+/// one accumulator a pair, so a pair's sum is the same for any R); `tail` widens one value for
+/// the last k % `$lanes`. One body for the AVX-512 (16 lanes) and AVX2 (8 lanes) kernels;
+/// inlined into their target-feature wrappers.
 macro_rules! half_dot4 {
     ($name:ident, $lanes:literal, $acc:ty, $packed:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $sum:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        unsafe fn $name<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> [f32; 4] {
+        unsafe fn $name<T, const R: usize>(w: [&[T]; 4], x: [&[f32]; R], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> [[f32; 4]; R] {
             use std::arch::x86_64::*;
-            let k = x.len();
+            let k = w[0].len();
             for r in 0..4 {
                 assert!(w[r].len() == k);
             }
+            for x in x {
+                assert!(x.len() == k);
+            }
             let pw = w.map(|w| w.as_ptr());
-            let mut acc = [$zero(); 4];
+            let mut acc = [[$zero(); 4]; R];
             let mut i = 0;
             while i + $lanes <= k {
                 if i % 32 == 0 {
@@ -405,15 +458,20 @@ macro_rules! half_dot4 {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
                     }
                 }
-                let xv = $loadx(x.as_ptr().add(i));
-                for r in 0..4 {
-                    acc[r] = $fma(widen($loadw(pw[r].add(i) as *const $packed)), xv, acc[r]);
+                let ws = pw.map(|p| widen($loadw(p.add(i) as *const $packed)));
+                for xi in 0..R {
+                    let xv = $loadx(x[xi].as_ptr().add(i));
+                    for r in 0..4 {
+                        acc[xi][r] = $fma(ws[r], xv, acc[xi][r]);
+                    }
                 }
                 i += $lanes;
             }
-            let mut out = acc.map($sum);
-            for (r, o) in out.iter_mut().enumerate() {
-                *o += (i..k).map(|j| tail(&w[r][j]) * x[j]).sum::<f32>();
+            let mut out = acc.map(|a| a.map($sum));
+            for (xi, o) in out.iter_mut().enumerate() {
+                for (r, o) in o.iter_mut().enumerate() {
+                    *o += (i..k).map(|j| tail(&w[r][j]) * x[xi][j]).sum::<f32>();
+                }
             }
             out
         }
@@ -425,7 +483,7 @@ half_dot4!(half_dot4_avx2, 8, __m256, __m128i, _mm256_setzero_ps, _mm256_loadu_p
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn f16_dot4_avx512(w: [&[f16]; 4], x: &[f32]) -> [f32; 4] {
+unsafe fn f16_dot4_avx512<const R: usize>(w: [&[f16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     half_dot4_avx512(w, x, |v| _mm512_cvtph_ps(v), |h| h.to_f32())
 }
@@ -433,21 +491,21 @@ unsafe fn f16_dot4_avx512(w: [&[f16]; 4], x: &[f32]) -> [f32; 4] {
 /// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn bf16_dot4_avx512(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+unsafe fn bf16_dot4_avx512<const R: usize>(w: [&[bf16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     half_dot4_avx512(w, x, |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))), |h| h.to_f32())
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_dot4_avx2(w: [&[f16]; 4], x: &[f32]) -> [f32; 4] {
+unsafe fn f16_dot4_avx2<const R: usize>(w: [&[f16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     half_dot4_avx2(w, x, |v| _mm256_cvtph_ps(v), |h| h.to_f32())
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_dot4_avx2(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+unsafe fn bf16_dot4_avx2<const R: usize>(w: [&[bf16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
     half_dot4_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
 }
@@ -575,7 +633,7 @@ mod tests {
                 // Many rows of q8_0 go through the integer path where the CPU has it: its sums
                 // (x quantized too) are what they must equal.
                 let int8_sums = match &p.data {
-                    Data::Q8 { q, d } if m > matvec::MAX_ROWS && int8::available() => Some(int8::matmul_reference(&int8::quantize_rows(&x, k), q, d, n)),
+                    Data::Q8 { q, d } if m >= int8::MIN_ROWS && int8::available() => Some(int8::matmul_reference(&int8::quantize_rows(&x, k), q, d, n)),
                     _ => None,
                 };
                 for (bias, slab) in [(Some(b.as_slice()), SLAB_FLOATS), (None, SLAB_FLOATS), (Some(b.as_slice()), 300 * k)] {
@@ -612,9 +670,9 @@ mod tests {
         let bh: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let rows = |i: usize| i * k..(i + 1) * k;
         let want = |f: &dyn Fn(usize) -> f32| [0, 1, 2, 3].map(f);
-        let got = unsafe { f16_dot4_avx2([0, 1, 2, 3].map(|i| &h[rows(i)]), &x) };
+        let got = unsafe { f16_dot4_avx2([0, 1, 2, 3].map(|i| &h[rows(i)]), [&x[..]]) }[0];
         assert!(close(got, want(&|i| h[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
-        let got = unsafe { bf16_dot4_avx2([0, 1, 2, 3].map(|i| &bh[rows(i)]), &x) };
+        let got = unsafe { bf16_dot4_avx2([0, 1, 2, 3].map(|i| &bh[rows(i)]), [&x[..]]) }[0];
         assert!(close(got, want(&|i| bh[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
         let k = 24 * BLOCK;
         let p = PackedMatrix::pack(&w[..n * k], n, k, Packing::Q8_0);
@@ -622,6 +680,33 @@ mod tests {
         let nb = k / BLOCK;
         let got = [0, 1, 2, 3].map(|i| unsafe { q8_dot_avx2(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]) });
         assert!(close(got, [0, 1, 2, 3].map(|i| q8_dot_portable(&q[i * k..(i + 1) * k], &d[i * nb..(i + 1) * nb], &x[..k]))));
+    }
+
+    /// Batch invariance with a row plan: each row comes out as it does alone (a one-row
+    /// segment) or in its own chunk alone, bit for bit, among one-row segments, short chunks and
+    /// long ones, for every packing (q8_0's chunks in one integer product where the CPU has it).
+    #[test]
+    fn planned_rows_do_not_depend_on_the_rest_of_the_step() {
+        let (n, k) = (70, 96);
+        let w = uniform(n * k, 6);
+        let b = uniform(n, 7);
+        let mut plan = matvec::RowPlan::empty();
+        let segments = [1, 1, 1, 5, 2, 17, 16, 40, 33];
+        for t in segments {
+            plan.push(t);
+        }
+        assert_eq!((plan.small, plan.chunk_rows, plan.few_rows(), &plan.big[..]), (43, 33, 10, &[40, 33][..]));
+        let x = uniform(plan.rows() * k, 8);
+        for packing in ALL {
+            let p = PackedMatrix::pack(&w, n, k, packing);
+            let all = p.matmul_by(&x, Some(&b), &plan).unwrap();
+            let mut row = 0;
+            for t in segments {
+                let alone = p.matmul_by(&x[row * k..(row + t) * k], Some(&b), &matvec::RowPlan::single(t)).unwrap();
+                assert_eq!(alone, all[row * n..(row + t) * n], "{packing:?}: segment of {t} at row {row}");
+                row += t;
+            }
+        }
     }
 
     /// A packed matrix as a lookup table: its rows widened to f32, as `dequantize` gives them;

@@ -4,7 +4,7 @@
 //! together, so the weights are read once for the whole step, and each sequence attends to its
 //! own KV cache.
 
-use crate::cpu::matvec::{RowPlan, MAX_ROWS};
+use crate::cpu::matvec::RowPlan;
 use crate::cpu::ops;
 use crate::error::{Error, Result};
 use crate::model::attention::{Attention, SeqRows, StepAttention};
@@ -259,24 +259,20 @@ impl Gpt2 {
                 return Err(Error::InvalidInput(format!("token id {id} is outside the vocabulary (ids are 0..{})", self.cfg.vocab_size)));
             }
         }
-        // Row order: short segments first, then each long one.
+        // Row order: one-row segments, then short chunks, then each long one (`RowPlan`).
         let mut order: Vec<usize> = (0..segs.len()).collect();
-        order.sort_by_key(|&i| segs[i].ids.len() > MAX_ROWS);
+        order.sort_by_key(|&i| RowPlan::rank(segs[i].ids.len()));
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut rows = Vec::with_capacity(segs.len());
-        let mut plan = RowPlan { small: 0, big: vec![] };
+        let mut plan = RowPlan::empty();
         for &i in &order {
             let s = &segs[i];
             let (t, pos) = (s.ids.len(), s.cache.len());
             rows.push(SeqRows { row0: ids.len(), t, pos, cache: s.cache });
             ids.extend_from_slice(s.ids);
             positions.extend((pos..pos + t).map(|p| p as u32));
-            if t > MAX_ROWS {
-                plan.big.push(t);
-            } else {
-                plan.small += t;
-            }
+            plan.push(t);
         }
         let n = ids.len();
         let tokens = match &self.wte {
@@ -298,14 +294,14 @@ impl Gpt2 {
         self.logits(&x, segs, &order, &rows)
     }
 
-    /// ln_f and the lm_head over the rows the segments asked for: every `Last` row and the
-    /// `All`/`Span` rows of short segments first (one matvec group), then those of each long
-    /// segment (a gemm each).
+    /// ln_f and the lm_head over the rows the segments asked for, in `RowPlan`'s order: every
+    /// one-row request (`Last`, a one-row span) first, then the `All`/`Span` rows of short
+    /// requests, then those of each long one.
     fn logits(&self, x: &Tensor, segs: &[Segment<'_>], order: &[usize], rows: &[SeqRows<'_>]) -> Result<StepLogits> {
         let mut out = vec![0..0; segs.len()];
         let mut wanted: Vec<u32> = Vec::new();
-        let mut plan = RowPlan { small: 0, big: vec![] };
-        for pass_big in [false, true] {
+        let mut plan = RowPlan::empty();
+        for rank in 0..=2 {
             for (&i, r) in order.iter().zip(rows) {
                 let (first, count) = match segs[i].logits {
                     Logits::Skip => continue,
@@ -313,16 +309,12 @@ impl Gpt2 {
                     Logits::All => (r.row0, r.t),
                     Logits::Span { start, len } => (r.row0 + start, len),
                 };
-                if (count > MAX_ROWS) != pass_big {
+                if RowPlan::rank(count) != rank {
                     continue;
                 }
                 out[i] = wanted.len()..wanted.len() + count;
                 wanted.extend((first..first + count).map(|r| r as u32));
-                if pass_big {
-                    plan.big.push(count);
-                } else {
-                    plan.small += count;
-                }
+                plan.push(count);
             }
         }
         if wanted.is_empty() {
