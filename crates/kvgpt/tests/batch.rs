@@ -145,7 +145,7 @@ fn batched_logits_equal_solo_logits_in(dtype: WeightDType) {
             rows
         })
         .collect();
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config(), 64, gpt2.dtype(), gpt2.device()).unwrap()).collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config(), 64, gpt2.cache_dtype(), gpt2.device()).unwrap()).collect();
     let mut together = vec![Vec::new(); prompts.len()];
     for round in 0..2 {
         let step = {
@@ -178,7 +178,7 @@ fn batched_logits_equal_solo_logits_in(dtype: WeightDType) {
 fn a_pass_refuses_one_cache_twice_and_an_empty_step() {
     let model = load("tiny-gpt2");
     let gpt2 = model.gpt2();
-    let cache = KvCache::new(model.config(), 8, gpt2.dtype(), gpt2.device()).unwrap();
+    let cache = KvCache::new(model.config(), 8, gpt2.cache_dtype(), gpt2.device()).unwrap();
     let seg = || Segment { ids: &[1, 2], cache: &cache, logits: Logits::Last };
     let e = gpt2.forward_batch(&[seg(), seg()]).err().unwrap();
     assert_eq!(e.code(), "KVGPT_INVALID_INPUT");

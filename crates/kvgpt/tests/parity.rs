@@ -35,7 +35,7 @@ fn check_model(model: &Model, name: &str) {
         // Feed the reference greedy ids one at a time through a preallocated cache; the
         // logits of the last step must match HF's, and each step's max logit too.
         let cfg = model.config();
-        let mut cache = KvCache::new(cfg, prompt.len() + n_new, model.gpt2().dtype(), &dev).unwrap();
+        let mut cache = KvCache::new(cfg, prompt.len() + n_new, model.gpt2().cache_dtype(), &dev).unwrap();
         let (k_before, _) = cache.layer_buffers(0);
         let k_ptr = format!("{:?}", k_before.id());
         let mut step = model.gpt2().forward(&input, 0, Some(&mut cache), Logits::Last).unwrap();
@@ -104,7 +104,7 @@ fn prefill_in_chunks_equals_one_prefill() {
     let prompt: Vec<u32> = vec![464, 509, 53, 12940, 7000, 8251, 290, 3815];
     let whole = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
     let expected = model.gpt2().forward(&whole, 0, None, Logits::Last).unwrap();
-    let mut cache = KvCache::new(model.config(), 16, model.gpt2().dtype(), &dev).unwrap();
+    let mut cache = KvCache::new(model.config(), 16, model.gpt2().cache_dtype(), &dev).unwrap();
     let a = Tensor::new(&prompt[..5], &dev).unwrap().unsqueeze(0).unwrap();
     let b = Tensor::new(&prompt[5..], &dev).unwrap().unsqueeze(0).unwrap();
     model.gpt2().forward(&a, 0, Some(&mut cache), Logits::Last).unwrap();
@@ -256,14 +256,20 @@ fn q8_0_weights_keep_greedy_ids() {
     check("tiny-gpt2-zh", WeightDType::Q8_0, max_rel, 0);
 }
 
-/// The cache is f32 on the CPU for every dtype; off it f16/bf16 halve it; q8_0 keeps f32.
+/// f32 weights keep an f32 cache; f16/bf16 halve it (on the CPU an f16 cache beside f32
+/// activations, elsewhere the activations' dtype); q8_0 has an f16 cache on the CPU, f32 off it.
 #[test]
-fn cache_dtype_follows_the_device() {
-    let f32 = load("tiny-gpt2").info().cache_bytes_per_token;
+fn cache_dtype_follows_the_weights_and_device() {
+    let f32 = load("tiny-gpt2");
+    assert_eq!(f32.gpt2().cache_dtype(), DType::F32);
+    let f32 = f32.info().cache_bytes_per_token;
     for dtype in [WeightDType::F16, WeightDType::Bf16] {
         let half = load_as("tiny-gpt2", dtype).info().cache_bytes_per_token;
-        assert_eq!(half, if on_cpu() { f32 } else { f32 / 2 }, "{dtype:?}");
+        assert_eq!(half, f32 / 2, "{dtype:?}");
     }
     let q8 = load_as("tiny-gpt2", WeightDType::Q8_0);
-    assert_eq!(q8.info().cache_bytes_per_token, f32, "q8_0 keeps an f32 cache");
+    assert_eq!(q8.info().cache_bytes_per_token, if on_cpu() { f32 / 2 } else { f32 }, "q8_0");
+    if on_cpu() {
+        assert_eq!(q8.gpt2().cache_dtype(), DType::F16);
+    }
 }

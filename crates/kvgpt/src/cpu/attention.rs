@@ -7,13 +7,56 @@
 use crate::cpu::ops::{exp, f32_slice, lanes};
 use crate::error::{Error, Result};
 use crate::model::attention::SeqRows;
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 fn cpu_f32<'a>(s: &'a Storage, l: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         Storage::Cpu(s) => f32_slice(s, l, what),
         _ => candle_core::bail!("{what} must be on the CPU"),
+    }
+}
+
+/// A cache buffer on the CPU: f32, or f16 (packed weights' caches), widened a head at a time.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Kv<'a> {
+    fn of(s: &'a Storage, l: &candle_core::Layout, what: &str) -> candle_core::Result<Self> {
+        match s {
+            Storage::Cpu(CpuStorage::F16(v)) => match l.contiguous_offsets() {
+                Some((a, b)) => Ok(Kv::F16(&v[a..b])),
+                None => candle_core::bail!("{what} must be contiguous"),
+            },
+            _ => Ok(Kv::F32(cpu_f32(s, l, what)?)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Kv::F32(v) => v.len(),
+            Kv::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `range` as f32: borrowed, or widened into `scratch` (exactly: f16 -> f32 is).
+    fn f32s<'s>(&self, range: std::ops::Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match *self {
+            Kv::F32(v) => &v[range],
+            Kv::F16(v) => {
+                scratch.resize(range.len(), 0.0);
+                v[range].convert_to_f32_slice(scratch);
+                scratch
+            }
+        }
     }
 }
 
@@ -40,7 +83,7 @@ pub fn attend_batch(qkv: &Tensor, seqs: &[SeqRows<'_>], layer: usize, n_head: us
         .collect();
     let mut views = Vec::with_capacity(seqs.len());
     for (s, ((ks, kl), (vs, vl))) in seqs.iter().zip(&guards) {
-        let (k, v, cap) = (cpu_f32(ks, kl, "k cache")?, cpu_f32(vs, vl, "v cache")?, s.cache.capacity());
+        let (k, v, cap) = (Kv::of(ks, kl, "k cache")?, Kv::of(vs, vl, "v cache")?, s.cache.capacity());
         if s.pos + s.t > cap || (s.row0 + s.t) > n || k.len() < n_head * cap * hs || v.len() < n_head * cap * hs {
             return Err(Error::InvalidInput(format!("attention rows {}..{} at {} do not fit their cache", s.row0, s.row0 + s.t, s.pos)));
         }
@@ -57,7 +100,9 @@ pub fn attend_batch(qkv: &Tensor, seqs: &[SeqRows<'_>], layer: usize, n_head: us
             }
             let keys = s.pos + s.t;
             let mut out = vec![0f32; s.t * hs];
-            attend_head(&q, &k[h * cap * hs..][..keys * hs], &v[h * cap * hs..][..keys * hs], hs, scale, &mut out);
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            let head = h * cap * hs..h * cap * hs + keys * hs;
+            attend_head(&q, k.f32s(head.clone(), &mut ks), v.f32s(head, &mut vs), hs, scale, &mut out);
             out
         })
         .collect();

@@ -27,7 +27,7 @@ impl Session {
         let cfg = gpt2.config();
         let capacity = capacity.min(cfg.n_positions);
         let cache = if use_cache {
-            Some(KvCache::new(cfg, capacity.max(1), gpt2.dtype(), gpt2.device())?)
+            Some(KvCache::new(cfg, capacity.max(1), gpt2.cache_dtype(), gpt2.device())?)
         } else {
             None
         };
@@ -65,7 +65,7 @@ impl Session {
             return Ok(Pass { ids: new.to_vec(), scratch: None });
         }
         let ids = [self.tokens.as_slice(), new].concat();
-        let scratch = KvCache::scratch(gpt2.config(), ids.len(), gpt2.dtype(), gpt2.device())?;
+        let scratch = KvCache::scratch(gpt2.config(), ids.len(), gpt2.cache_dtype(), gpt2.device())?;
         Ok(Pass { ids, scratch: Some(scratch) })
     }
 

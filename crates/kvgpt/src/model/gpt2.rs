@@ -202,9 +202,20 @@ impl Gpt2 {
         &self.device
     }
 
-    /// The dtype of activations and of the KV cache.
+    /// The dtype of activations.
     pub fn dtype(&self) -> DType {
         self.wpe.dtype()
+    }
+
+    /// The dtype of the KV cache: the activations' but for f16, bf16 and q8_0 weights on the
+    /// CPU, whose f32 activations keep an f16 cache (half the bytes a token, as llama.cpp's;
+    /// the attention kernel widens it, `cpu::attention`).
+    pub fn cache_dtype(&self) -> DType {
+        if self.device.is_cpu() && self.dtype != WeightDType::F32 {
+            DType::F16
+        } else {
+            self.dtype()
+        }
     }
 
     pub fn weight_dtype(&self) -> WeightDType {
@@ -348,7 +359,7 @@ impl Gpt2 {
             Some(cache) => cache,
             None if pos != 0 => return Err(Error::InvalidInput(format!("without a cache a sequence starts at position 0, not {pos}"))),
             None => {
-                scratch = KvCache::scratch(&self.cfg, t.clamp(1, self.cfg.n_positions), self.dtype(), &self.device)?;
+                scratch = KvCache::scratch(&self.cfg, t.clamp(1, self.cfg.n_positions), self.cache_dtype(), &self.device)?;
                 &mut scratch
             }
         };

@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::Gpt2Config;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 pub struct KvCache {
     k: Vec<Tensor>,
@@ -165,18 +166,20 @@ impl InplaceOp2 for WriteRows {
         let (_, _, cap, _) = dl.shape().dims4()?;
         let (_, width) = sl.shape().dims2()?;
         let src = crate::cpu::ops::f32_slice(src, sl, "qkv")?;
-        let (CpuStorage::F32(dst), Some((start, end))) = (dst, dl.contiguous_offsets()) else {
-            candle_core::bail!("the KV cache must be a contiguous f32 buffer")
+        let Some((start, end)) = dl.contiguous_offsets() else {
+            candle_core::bail!("the KV cache must be a contiguous buffer")
         };
-        let dst = &mut dst[start..end];
-        if self.pos + self.t > cap || self.col + nh * hs > width || (self.row0 + self.t) * width > src.len() {
+        if self.pos + self.t > cap || self.col + nh * hs > width || (self.row0 + self.t) * width > src.len() || end - start < nh * cap * hs {
             candle_core::bail!("kv write of {} rows at {} does not fit", self.t, self.pos);
         }
-        for h in 0..nh {
-            for j in 0..self.t {
-                let from = (self.row0 + j) * width + self.col + h * hs;
-                dst[(h * cap + self.pos + j) * hs..][..hs].copy_from_slice(&src[from..from + hs]);
-            }
+        // Each head's rows of the step, to (h, pos + j) of the buffer, as f32 or rounded to f16.
+        let rows = (0..nh).flat_map(|h| (0..self.t).map(move |j| (h, j)));
+        let from = |h: usize, j: usize| (self.row0 + j) * width + self.col + h * hs;
+        let to = |h: usize, j: usize| start + (h * cap + self.pos + j) * hs;
+        match dst {
+            CpuStorage::F32(dst) => rows.for_each(|(h, j)| dst[to(h, j)..][..hs].copy_from_slice(&src[from(h, j)..][..hs])),
+            CpuStorage::F16(dst) => rows.for_each(|(h, j)| dst[to(h, j)..][..hs].convert_from_f32_slice(&src[from(h, j)..][..hs])),
+            _ => candle_core::bail!("the KV cache must be f32 or f16 on the CPU"),
         }
         Ok(())
     }

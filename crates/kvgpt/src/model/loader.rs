@@ -265,7 +265,7 @@ impl ModelInfo {
         let config = gpt2.config().clone();
         Self {
             parameter_count: config.parameter_count(),
-            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.dtype().size_in_bytes()),
+            cache_bytes_per_token: config.kv_cache_bytes(1, 1, gpt2.cache_dtype().size_in_bytes()),
             step_weight_bytes: gpt2.step_weight_bytes(),
             config,
             dir,
