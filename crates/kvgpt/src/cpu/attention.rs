@@ -100,8 +100,8 @@ pub fn attend_batch(qkv: &Tensor, seqs: &[SeqRows<'_>], layer: usize, n_head: us
             }
             let keys = s.pos + s.t;
             let mut out = vec![0f32; s.t * hs];
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
             let head = h * cap * hs..h * cap * hs + keys * hs;
+            let (mut ks, mut vs) = (Vec::new(), Vec::new()); // f16 heads widened here
             attend_head(&q, k.f32s(head.clone(), &mut ks), v.f32s(head, &mut vs), hs, scale, &mut out);
             out
         })
