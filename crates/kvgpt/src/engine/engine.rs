@@ -92,7 +92,19 @@ impl Engine {
         let (thread_shared, thread_stats, thread_options) = (shared.clone(), stats.clone(), options.clone());
         std::thread::Builder::new()
             .name("kvgpt-engine".into())
-            .spawn(move || run(&model, thread_options, &thread_shared, thread_stats))
+            .spawn(move || {
+                // The loop runs on a worker of a rayon pool of its own (as many threads as the
+                // global pool): each parallel op of a step (at least six a layer: four products,
+                // attention, GELU) then starts on the thread that asks for it, where from a
+                // thread outside the pool it was handed to a worker and waited for, two thread
+                // switches an op. GPT-2 small, 2 threads, medians of 3 alternating runs: decode
+                // at contexts 16 and 512 3-12 % faster, a 512-token prefill 8-11 % (f16, q8_0;
+                // bench/NOTES.md, item 22).
+                match rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).thread_name(|i| format!("kvgpt-engine-{i}")).build() {
+                    Ok(pool) => pool.install(|| run(&model, thread_options, &thread_shared, thread_stats)),
+                    Err(_) => run(&model, thread_options, &thread_shared, thread_stats),
+                }
+            })
             .map_err(|e| Error::internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Self { shared, options, stats })
     }
