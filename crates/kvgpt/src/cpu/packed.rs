@@ -175,23 +175,25 @@ impl PackedMatrix {
             for qd in 0..quads {
                 let r = first + 4 * qd;
                 let out = &mut out[4 * qd * m..(4 * qd + 4) * m];
-                let mut i = 0;
-                while i < m {
-                    let got = match m - i {
-                        1 => self.dot4::<1>(r, [rows[i]]).to_vec(),
-                        2 => self.dot4::<2>(r, [rows[i], rows[i + 1]]).to_vec(),
-                        3 => self.dot4::<3>(r, [rows[i], rows[i + 1], rows[i + 2]]).to_vec(),
-                        _ => self.dot4::<4>(r, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]).to_vec(),
-                    };
+                let mut put = |i: usize, got: &[[f32; 4]]| {
                     for (xi, v) in got.iter().enumerate() {
                         for j in 0..4 {
                             out[j * m + i + xi] = v[j] + b(r + j);
                         }
                     }
-                    i += got.len();
+                    got.len()
+                };
+                let mut i = 0;
+                while i < m {
+                    i += match m - i {
+                        1 => put(i, &self.dot4::<1>(r, [rows[i]])),
+                        2 => put(i, &self.dot4::<2>(r, [rows[i], rows[i + 1]])),
+                        3 => put(i, &self.dot4::<3>(r, [rows[i], rows[i + 1], rows[i + 2]])),
+                        _ => put(i, &self.dot4::<4>(r, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]])),
+                    };
                 }
             }
-            let mut scratch = vec![0f32; k];
+            let mut scratch = vec![0f32; if task_rows > 4 * quads { k } else { 0 }];
             for j in 4 * quads..task_rows {
                 let w = self.row(first + j, &mut scratch);
                 for (i, x) in rows.iter().enumerate() {
