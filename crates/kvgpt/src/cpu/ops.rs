@@ -21,6 +21,39 @@ pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// x (r, c) -> its transpose (c, r), contiguous. On the CPU in f32 by tiles of 32 x 32 over the
+/// rayon pool: candle's strided copy (`t().contiguous()`) goes element by element, 22 % of a
+/// GPT-2 small q8_0 load's samples (its Conv1D weights are stored (in, out)).
+pub fn transpose(x: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return Ok(x.t()?.contiguous()?);
+    }
+    let (r, c) = x.dims2()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!("checked: on the CPU") };
+    let src = f32_slice(cpu, layout, "a matrix to transpose")?;
+    const TILE: usize = 32;
+    let mut out = vec![0f32; r * c];
+    // Output rows j0..j0 + TILE (input columns) a task, input rows a tile at a time: each
+    // output row gets a run of TILE values, read down a column of the tile (in L1).
+    out.par_chunks_mut(TILE * r.max(1)).enumerate().for_each(|(task, block)| {
+        let j0 = task * TILE;
+        let cols = block.len() / r.max(1);
+        for i0 in (0..r).step_by(TILE) {
+            let rows = TILE.min(r - i0);
+            for j in 0..cols {
+                let run = &mut block[j * r + i0..j * r + i0 + rows];
+                for (ii, v) in run.iter_mut().enumerate() {
+                    *v = src[(i0 + ii) * c + j0 + j];
+                }
+            }
+        }
+    });
+    drop(storage);
+    Ok(Tensor::from_vec(out, (c, r), &candle_core::Device::Cpu)?)
+}
+
 /// exp(x) to about 1e-7 relative error (Cephes' expf polynomial), without branches or calls.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
@@ -110,6 +143,17 @@ pub(crate) fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn transposes_as_candle_does() {
+        for (r, c) in [(1, 1), (3, 70), (70, 3), (65, 33), (96, 128)] {
+            let x = Tensor::randn(0f32, 1.0, (r, c), &candle_core::Device::Cpu).unwrap();
+            let want: Vec<f32> = x.t().unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got = transpose(&x).unwrap();
+            assert_eq!(got.dims(), [c, r]);
+            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "({r}, {c})");
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {

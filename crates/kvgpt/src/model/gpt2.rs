@@ -88,7 +88,7 @@ impl Weights<'_> {
     /// HF's Conv1D stores its weight as (in, out); candle's Linear wants (out, in), so it is
     /// transposed once here, at load.
     fn conv1d(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
-        let w = self.take(&format!("{prefix}.weight"), &[n_in, n_out])?.t()?.contiguous()?;
+        let w = ops::transpose(&self.take(&format!("{prefix}.weight"), &[n_in, n_out])?)?;
         let b = self.take(&format!("{prefix}.bias"), &[n_out])?;
         Linear::new(w, Some(b), self.dtype)
     }
