@@ -1,12 +1,14 @@
 //! Reduced-precision weights on the CPU with f32 activations: q8_0 (blocks of 32 int8 with one
 //! scale, quantized as ggml's q8_0 does: d = max|w| / 127, q = round(w / d); the scale kept as
-//! an f32, so 1.125 bytes a weight), f16 and bf16 (2 bytes a weight). The activations, the KV
-//! cache and every sum stay f32, so a product carries the weights' rounding only (candle's CPU
-//! q8_0 matmul quantizes the activations too, and its f16/bf16 kernels are slower than f32).
-//! One-row products (a decode step) read four rows of W at a time, widen them in registers and
-//! prefetch the next four (AVX-512 or AVX2 kernels, chosen at run time); a few rows (a short
-//! prompt) expand each row of W into f32 in L1 for the matvec kernel (`matvec::Rows`); many
-//! rows expand W a slab at a time for gemm.
+//! an f32, so 1.125 bytes a weight), f16 and bf16 (2 bytes a weight). The activations and every
+//! sum stay f32, so a product carries the weights' rounding only (candle's CPU q8_0 matmul
+//! quantizes the activations too, and its f16/bf16 kernels are slower than f32).
+//! A one-row product (a decode step alone) reads W's rows one after another; a few rows (a
+//! batched step, a short chunk) read four rows of W at a time, widened once for up to four rows
+//! of x, and prefetch the next four (AVX-512 or AVX2 kernels, chosen at run time); both sum a
+//! (W row, x row) pair by the same operations. Many rows of q8_0 go through 8-bit integer
+//! products where the CPU has AVX512-VNNI (`cpu::int8`), other many-row products expand W a
+//! slab at a time for gemm.
 
 use crate::cpu::ops::f32_slice;
 use crate::cpu::int8;
@@ -157,36 +159,59 @@ impl PackedMatrix {
         matches!(self.data, Data::Q8 { .. }) && int8::chosen()
     }
 
-    /// A few rows x (m * k): W's rows one after another straight from their packed form, each
-    /// widened once for up to four rows of x. Every (W row, x row) pair is summed by the same
-    /// operations in the same order whatever m and the pair's place (`dot_row::<R>` for any R),
-    /// so a row's result does not depend on the other rows of a step (batch invariance, see
-    /// `matvec::RowPlan`).
+    /// A few rows x (m * k): W's rows four at a time straight from their packed form, widened
+    /// once for up to four rows of x. Every (W row, x row) pair is summed by the same operations
+    /// in the same order whatever m and the pair's place (`dot4::<R>` for any R, the last n % 4
+    /// rows of W one pair at a time), so a row's result does not depend on the other rows of a
+    /// step (batch invariance, see `matvec::RowPlan`).
     fn few_rows(&self, x: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         let m = matvec::rows_of(x, n, k, bias)?;
-        let rows: Vec<&[f32]> = x.chunks_exact(k.max(1)).collect();
         let b = |r: usize| bias.map_or(0.0, |b| b[r]);
+        if m == 1 {
+            // One row of x: W's rows one after another, a single load stream a task, which
+            // reads memory about twice as fast as four rows side by side (bench/NOTES.md, item
+            // 23); `dot1` sums each row as `dot4` sums a pair.
+            let mut y = vec![0f32; n];
+            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, out)| {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let r = task * ROWS_PER_TASK + j;
+                    *o = self.dot1(r, x) + b(r);
+                }
+            });
+            return Ok(y);
+        }
+        let rows: Vec<&[f32]> = x.chunks_exact(k.max(1)).collect();
         // Computed as y^T (n, m): each task owns whole rows of W and so a contiguous block.
         let mut yt = vec![0f32; n * m];
         yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
             let first = task * ROWS_PER_TASK;
-            for (j, out) in out.chunks_exact_mut(m).enumerate() {
-                let r = first + j;
-                let mut put = |i: usize, got: &[f32]| {
-                    for (o, v) in out[i..i + got.len()].iter_mut().zip(got) {
-                        *o = v + b(r);
+            let task_rows = out.len() / m;
+            let quads = task_rows / 4;
+            for qd in 0..quads {
+                let r = first + 4 * qd;
+                let out = &mut out[4 * qd * m..(4 * qd + 4) * m];
+                let mut put = |i: usize, got: &[[f32; 4]]| {
+                    for (xi, v) in got.iter().enumerate() {
+                        for j in 0..4 {
+                            out[j * m + i + xi] = v[j] + b(r + j);
+                        }
                     }
                     got.len()
                 };
                 let mut i = 0;
                 while i < m {
                     i += match m - i {
-                        1 => put(i, &self.dot_row::<1>(r, [rows[i]])),
-                        2 => put(i, &self.dot_row::<2>(r, [rows[i], rows[i + 1]])),
-                        3 => put(i, &self.dot_row::<3>(r, [rows[i], rows[i + 1], rows[i + 2]])),
-                        _ => put(i, &self.dot_row::<4>(r, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]])),
+                        1 => put(i, &self.dot4::<1>(r, [rows[i]])),
+                        2 => put(i, &self.dot4::<2>(r, [rows[i], rows[i + 1]])),
+                        3 => put(i, &self.dot4::<3>(r, [rows[i], rows[i + 1], rows[i + 2]])),
+                        _ => put(i, &self.dot4::<4>(r, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]])),
                     };
+                }
+            }
+            for j in 4 * quads..task_rows {
+                for (i, x) in rows.iter().enumerate() {
+                    out[j * m + i] = self.dot1(first + j, x) + b(first + j);
                 }
             }
         });
@@ -228,8 +253,8 @@ impl PackedMatrix {
         }
     }
 
-    /// Row r of W dotted with each of R rows of x.
-    fn dot_row<const R: usize>(&self, r: usize, x: [&[f32]; R]) -> [f32; R] {
+    /// Row r of W dotted with x, by the operations `dot4` gives each pair.
+    fn dot1(&self, r: usize, x: &[f32]) -> f32 {
         let k = self.k;
         let row = r * k..(r + 1) * k;
         match &self.data {
@@ -239,39 +264,89 @@ impl PackedMatrix {
                 #[cfg(target_arch = "x86_64")]
                 {
                     if std::is_x86_feature_detected!("avx512f") {
-                        return unsafe { q8_dot_avx512(q, d, x) };
+                        return unsafe { q8_dot1_avx512(q, d, x) };
                     }
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                        return x.map(|x| unsafe { q8_dot_avx2(q, d, x) });
+                        return unsafe { q8_dot_avx2(q, d, x) };
                     }
                 }
-                x.map(|x| q8_dot_portable(q, d, x))
+                q8_dot_portable(q, d, x)
             }
             Data::F16(h) => {
                 let w = &h[row];
                 #[cfg(target_arch = "x86_64")]
                 {
                     if std::is_x86_feature_detected!("avx512f") {
-                        return unsafe { f16_dot_avx512(w, x) };
+                        return unsafe { f16_dot1_avx512(w, x) };
                     }
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-                        return unsafe { f16_dot_avx2(w, x) };
+                        return unsafe { f16_dot1_avx2(w, x) };
                     }
                 }
-                x.map(|x| half_dot_portable(w, x, |h| h.to_f32()))
+                half_dot1_portable(w, x, |h| h.to_f32())
             }
             Data::Bf16(h) => {
                 let w = &h[row];
                 #[cfg(target_arch = "x86_64")]
                 {
                     if std::is_x86_feature_detected!("avx512f") {
-                        return unsafe { bf16_dot_avx512(w, x) };
+                        return unsafe { bf16_dot1_avx512(w, x) };
                     }
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                        return unsafe { bf16_dot_avx2(w, x) };
+                        return unsafe { bf16_dot1_avx2(w, x) };
                     }
                 }
-                x.map(|x| half_dot_portable(w, x, |h| h.to_f32()))
+                half_dot1_portable(w, x, |h| h.to_f32())
+            }
+        }
+    }
+
+    /// Rows r..r + 4 of W dotted with each of R rows of x: `[x row][W row]`.
+    fn dot4<const R: usize>(&self, r: usize, x: [&[f32]; R]) -> [[f32; 4]; R] {
+        let k = self.k;
+        let rows = |i: usize| (r + i) * k..(r + i + 1) * k;
+        let each = |f: &dyn Fn(usize, &[f32]) -> f32| x.map(|x| [0, 1, 2, 3].map(|i| f(i, x)));
+        match &self.data {
+            Data::Q8 { q, d } => {
+                let nb = k / BLOCK;
+                let qs = [0, 1, 2, 3].map(|i| &q[rows(i)]);
+                let ds = [0, 1, 2, 3].map(|i| &d[(r + i) * nb..(r + i + 1) * nb]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { q8_dot4_avx512(qs, ds, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                        return each(&|i, x| unsafe { q8_dot_avx2(qs[i], ds[i], x) });
+                    }
+                }
+                each(&|i, x| q8_dot_portable(qs[i], ds[i], x))
+            }
+            Data::F16(h) => {
+                let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { f16_dot4_avx512(ws, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                        return unsafe { f16_dot4_avx2(ws, x) };
+                    }
+                }
+                x.map(|x| half_dot4_portable(ws, x, |h| h.to_f32()))
+            }
+            Data::Bf16(h) => {
+                let ws = [0, 1, 2, 3].map(|i| &h[rows(i)]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx512f") {
+                        return unsafe { bf16_dot4_avx512(ws, x) };
+                    }
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                        return unsafe { bf16_dot4_avx2(ws, x) };
+                    }
+                }
+                x.map(|x| half_dot4_portable(ws, x, |h| h.to_f32()))
             }
         }
     }
@@ -359,37 +434,66 @@ fn q8_dot_portable(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
     acc
 }
 
-// The one-row kernels below read W's rows one after another, a row at a time: four rows read
-// side by side (with a software prefetch of the next four) read the lm_head from memory at
-// 8-9 GB/s a core, rows one after another at 19 (bench/NOTES.md, item 23).
+// The four-row kernels below read four rows of W and, one 64-byte line per row at a time, ask
+// for the next four rows (the next call's) with a software prefetch: widening the packed values
+// leaves too few loads in flight for the core's own prefetch (q8_0 lm_head on one thread:
+// 8.7 -> 4.5 ms; bench/NOTES.md item 9). Past W's end the prefetch address is never read.
 
-/// One q8_0 row with each of R rows of x: per block two 16-wide products of the widened int8
-/// values (widened once for the R rows) with x, scaled into two accumulators a pair (even and
-/// odd blocks), so a pair's sum is the same for any R.
+/// Four q8_0 rows, each with R rows of x: per block two 16-wide products of the widened int8
+/// values (widened once for the R rows of x) with x, scaled into independent accumulators, one
+/// a (x row, W row) pair, so a pair's sum is the same for any R.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn q8_dot_avx512<const R: usize>(q: &[i8], d: &[f32], x: [&[f32]; R]) -> [f32; R] {
+unsafe fn q8_dot4_avx512<const R: usize>(q: [&[i8]; 4], d: [&[f32]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
-    let nb = d.len();
-    assert!(q.len() >= nb * BLOCK);
+    let nb = d[0].len();
+    for r in 0..4 {
+        assert!(d[r].len() == nb && q[r].len() >= nb * BLOCK);
+    }
     for x in x {
         assert!(x.len() >= nb * BLOCK);
     }
     let px = x.map(|x| x.as_ptr());
-    let pq = q.as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let pq = q.map(|q| q.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for b in 0..nb {
-        let w = |j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq.add(b * BLOCK + 16 * j) as *const __m128i)));
-        let (w0, w1) = (w(0), w(1));
-        let scale = _mm512_set1_ps(*d.get_unchecked(b));
+        if b % 2 == 0 {
+            for p in pq {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * nb * BLOCK + b * BLOCK));
+            }
+        }
+        let w = |r: usize, j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq[r].add(b * BLOCK + 16 * j) as *const __m128i)));
+        let ws = [0, 1, 2, 3].map(|r| [w(r, 0), w(r, 1)]);
         for xi in 0..R {
             let x0 = _mm512_loadu_ps(px[xi].add(b * BLOCK));
             let x1 = _mm512_loadu_ps(px[xi].add(b * BLOCK + 16));
-            let p = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
-            acc[xi][b % 2] = _mm512_fmadd_ps(p, scale, acc[xi][b % 2]);
+            for r in 0..4 {
+                let p = _mm512_fmadd_ps(ws[r][1], x1, _mm512_mul_ps(ws[r][0], x0));
+                acc[xi][r] = _mm512_fmadd_ps(p, _mm512_set1_ps(*d[r].get_unchecked(b)), acc[xi][r]);
+            }
         }
     }
-    acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
+    acc.map(|a| a.map(|a| _mm512_reduce_add_ps(a)))
+}
+
+/// One q8_0 row with x, by the operations `q8_dot4_avx512` gives each pair, reading the row
+/// alone (no prefetch: one stream is what the hardware prefetcher follows best).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn q8_dot1_avx512(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = d.len();
+    assert!(q.len() >= nb * BLOCK && x.len() >= nb * BLOCK);
+    let (pq, px) = (q.as_ptr(), x.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    for b in 0..nb {
+        let x0 = _mm512_loadu_ps(px.add(b * BLOCK));
+        let x1 = _mm512_loadu_ps(px.add(b * BLOCK + 16));
+        let w = |j: usize| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pq.add(b * BLOCK + 16 * j) as *const __m128i)));
+        let p = _mm512_fmadd_ps(w(1), x1, _mm512_mul_ps(w(0), x0));
+        acc = _mm512_fmadd_ps(p, _mm512_set1_ps(*d.get_unchecked(b)), acc);
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// One q8_0 row, 8-wide: four products a block summed in a tree, so no chain links the blocks
@@ -402,6 +506,9 @@ unsafe fn q8_dot_avx2(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
     assert!(q.len() >= nb * BLOCK && x.len() >= nb * BLOCK);
     let (pq, px) = (q.as_ptr(), x.as_ptr());
     let block = |b: usize| -> __m256 {
+        if b % 2 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(pq.wrapping_add(4 * nb * BLOCK + b * BLOCK));
+        }
         let w = |j: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(pq.add(b * BLOCK + 8 * j) as *const __m128i)));
         let xv = |j: usize| _mm256_loadu_ps(px.add(b * BLOCK + 8 * j));
         let p01 = _mm256_fmadd_ps(w(1), xv(1), _mm256_mul_ps(w(0), xv(0)));
@@ -429,77 +536,147 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     lanes.iter().sum()
 }
 
-/// A 16-bit row (f16 or bf16) dotted with x, one widened value at a time.
-fn half_dot_portable<T>(w: &[T], x: &[f32], widen: impl Fn(&T) -> f32) -> f32 {
-    w.iter().zip(x).map(|(w, x)| widen(w) * x).sum()
+/// Four 16-bit rows (f16 or bf16) dotted with x, one widened value at a time.
+fn half_dot4_portable<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn(&T) -> f32) -> [f32; 4] {
+    w.map(|w| w.iter().zip(x).map(|(w, x)| widen(w) * x).sum())
 }
 
-/// A 16-bit row (f16 or bf16, widened by `widen`) dotted with each of R rows of x, `$lanes`
-/// values a step in `$acc`-wide registers, two accumulators a pair (even and odd steps; each W
-/// value widened once for the R rows), so a pair's sum is the same for any R; `tail` widens one
-/// value for the last k % `$lanes`. One body for the AVX-512 (16 lanes) and AVX2 (8 lanes)
-/// kernels; inlined into their target-feature wrappers.
-macro_rules! half_dot {
-    ($name:ident, $lanes:literal, $acc:ty, $packed:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $add:ident, $sum:expr) => {
+/// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with each of R rows of x,
+/// `$lanes` values a step in `$acc`-wide registers (each W value widened once for the R rows,
+/// one accumulator a pair, so a pair's sum is the same for any R); `tail` widens one value for
+/// the last k % `$lanes`. One body for the AVX-512 (16 lanes) and AVX2 (8 lanes) kernels;
+/// inlined into their target-feature wrappers.
+macro_rules! half_dot4 {
+    ($name:ident, $lanes:literal, $acc:ty, $packed:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $sum:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        unsafe fn $name<T, const R: usize>(w: &[T], x: [&[f32]; R], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> [f32; R] {
+        unsafe fn $name<T, const R: usize>(w: [&[T]; 4], x: [&[f32]; R], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> [[f32; 4]; R] {
             use std::arch::x86_64::*;
-            let k = w.len();
+            let k = w[0].len();
+            for r in 0..4 {
+                assert!(w[r].len() == k);
+            }
             for x in x {
                 assert!(x.len() == k);
             }
-            let pw = w.as_ptr();
-            let mut acc = [[$zero(); 2]; R];
+            let pw = w.map(|w| w.as_ptr());
+            let mut acc = [[$zero(); 4]; R];
             let mut i = 0;
-            let mut half = 0;
             while i + $lanes <= k {
-                let wv = widen($loadw(pw.add(i) as *const $packed));
+                if i % 32 == 0 {
+                    for p in pw {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * k + i) as *const i8);
+                    }
+                }
+                let ws = pw.map(|p| widen($loadw(p.add(i) as *const $packed)));
                 for xi in 0..R {
-                    acc[xi][half] = $fma(wv, $loadx(x[xi].as_ptr().add(i)), acc[xi][half]);
+                    let xv = $loadx(x[xi].as_ptr().add(i));
+                    for r in 0..4 {
+                        acc[xi][r] = $fma(ws[r], xv, acc[xi][r]);
+                    }
                 }
                 i += $lanes;
-                half ^= 1;
             }
-            let mut out = acc.map(|a| $sum($add(a[0], a[1])));
+            let mut out = acc.map(|a| a.map($sum));
             for (xi, o) in out.iter_mut().enumerate() {
-                *o += (i..k).map(|j| tail(&w[j]) * x[xi][j]).sum::<f32>();
+                for (r, o) in o.iter_mut().enumerate() {
+                    *o += (i..k).map(|j| tail(&w[r][j]) * x[xi][j]).sum::<f32>();
+                }
             }
             out
         }
     };
 }
 
-half_dot!(half_dot_avx512, 16, __m512, __m256i, _mm512_setzero_ps, _mm512_loadu_ps, _mm256_loadu_si256, _mm512_fmadd_ps, _mm512_add_ps, |a| _mm512_reduce_add_ps(a));
-half_dot!(half_dot_avx2, 8, __m256, __m128i, _mm256_setzero_ps, _mm256_loadu_ps, _mm_loadu_si128, _mm256_fmadd_ps, _mm256_add_ps, |a| hsum256(a));
+half_dot4!(half_dot4_avx512, 16, __m512, __m256i, _mm512_setzero_ps, _mm512_loadu_ps, _mm256_loadu_si256, _mm512_fmadd_ps, |a| _mm512_reduce_add_ps(a));
+half_dot4!(half_dot4_avx2, 8, __m256, __m128i, _mm256_setzero_ps, _mm256_loadu_ps, _mm_loadu_si128, _mm256_fmadd_ps, |a| hsum256(a));
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn f16_dot_avx512<const R: usize>(w: &[f16], x: [&[f32]; R]) -> [f32; R] {
+unsafe fn f16_dot4_avx512<const R: usize>(w: [&[f16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
-    half_dot_avx512(w, x, |v| _mm512_cvtph_ps(v), |h| h.to_f32())
+    half_dot4_avx512(w, x, |v| _mm512_cvtph_ps(v), |h| h.to_f32())
 }
 
 /// bf16 is the top half of an f32: widen to 32 bits and shift left by 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn bf16_dot_avx512<const R: usize>(w: &[bf16], x: [&[f32]; R]) -> [f32; R] {
+unsafe fn bf16_dot4_avx512<const R: usize>(w: [&[bf16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
-    half_dot_avx512(w, x, |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))), |h| h.to_f32())
+    half_dot4_avx512(w, x, |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))), |h| h.to_f32())
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_dot_avx2<const R: usize>(w: &[f16], x: [&[f32]; R]) -> [f32; R] {
+unsafe fn f16_dot4_avx2<const R: usize>(w: [&[f16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
-    half_dot_avx2(w, x, |v| _mm256_cvtph_ps(v), |h| h.to_f32())
+    half_dot4_avx2(w, x, |v| _mm256_cvtph_ps(v), |h| h.to_f32())
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_dot_avx2<const R: usize>(w: &[bf16], x: [&[f32]; R]) -> [f32; R] {
+unsafe fn bf16_dot4_avx2<const R: usize>(w: [&[bf16]; 4], x: [&[f32]; R]) -> [[f32; 4]; R] {
     use std::arch::x86_64::*;
-    half_dot_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
+    half_dot4_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
+}
+
+/// One 16-bit row dotted with x, by the operations `half_dot4_portable` gives each pair.
+fn half_dot1_portable<T>(w: &[T], x: &[f32], widen: impl Fn(&T) -> f32) -> f32 {
+    w.iter().zip(x).map(|(w, x)| widen(w) * x).sum()
+}
+
+/// One 16-bit row dotted with x, by the operations `half_dot4!` gives each pair, reading the
+/// row alone (no prefetch).
+macro_rules! half_dot1 {
+    ($name:ident, $lanes:literal, $acc:ty, $packed:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $sum:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn $name<T>(w: &[T], x: &[f32], widen: impl Fn($packed) -> $acc, tail: impl Fn(&T) -> f32) -> f32 {
+            use std::arch::x86_64::*;
+            let k = x.len();
+            assert!(w.len() == k);
+            let pw = w.as_ptr();
+            let mut acc = $zero();
+            let mut i = 0;
+            while i + $lanes <= k {
+                acc = $fma(widen($loadw(pw.add(i) as *const $packed)), $loadx(x.as_ptr().add(i)), acc);
+                i += $lanes;
+            }
+            let sum: f32 = $sum(acc);
+            sum + (i..k).map(|j| tail(&w[j]) * x[j]).sum::<f32>()
+        }
+    };
+}
+
+half_dot1!(half_dot1_avx512, 16, __m512, __m256i, _mm512_setzero_ps, _mm512_loadu_ps, _mm256_loadu_si256, _mm512_fmadd_ps, |a| _mm512_reduce_add_ps(a));
+half_dot1!(half_dot1_avx2, 8, __m256, __m128i, _mm256_setzero_ps, _mm256_loadu_ps, _mm_loadu_si128, _mm256_fmadd_ps, |a| hsum256(a));
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_dot1_avx512(w: &[f16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    half_dot1_avx512(w, x, |v| _mm512_cvtph_ps(v), |h| h.to_f32())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_dot1_avx512(w: &[bf16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    half_dot1_avx512(w, x, |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))), |h| h.to_f32())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dot1_avx2(w: &[f16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    half_dot1_avx2(w, x, |v| _mm256_cvtph_ps(v), |h| h.to_f32())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_dot1_avx2(w: &[bf16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    half_dot1_avx2(w, x, |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v))), |h| h.to_f32())
 }
 
 /// x W^T (+ b) as a candle op: x (..., k) f32 on the CPU, contiguous; rows grouped by `plan`
@@ -676,10 +853,15 @@ mod tests {
         let bh: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let rows = |i: usize| i * k..(i + 1) * k;
         let want = |f: &dyn Fn(usize) -> f32| [0, 1, 2, 3].map(f);
-        let got = [0, 1, 2, 3].map(|i| unsafe { f16_dot_avx2(&h[rows(i)], [&x[..]]) }[0]);
+        let got = unsafe { f16_dot4_avx2([0, 1, 2, 3].map(|i| &h[rows(i)]), [&x[..]]) }[0];
         assert!(close(got, want(&|i| h[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
-        let got = [0, 1, 2, 3].map(|i| unsafe { bf16_dot_avx2(&bh[rows(i)], [&x[..]]) }[0]);
+        let got = unsafe { bf16_dot4_avx2([0, 1, 2, 3].map(|i| &bh[rows(i)]), [&x[..]]) }[0];
         assert!(close(got, want(&|i| bh[rows(i)].iter().zip(&x).map(|(w, x)| w.to_f32() * x).sum())));
+        // The one-row kernels sum a row as the four-row ones sum each pair, bit for bit.
+        let four = unsafe { f16_dot4_avx2([0, 1, 2, 3].map(|i| &h[rows(i)]), [&x[..]]) }[0];
+        assert_eq!(four, [0, 1, 2, 3].map(|i| unsafe { f16_dot1_avx2(&h[rows(i)], &x) }));
+        let four = unsafe { bf16_dot4_avx2([0, 1, 2, 3].map(|i| &bh[rows(i)]), [&x[..]]) }[0];
+        assert_eq!(four, [0, 1, 2, 3].map(|i| unsafe { bf16_dot1_avx2(&bh[rows(i)], &x) }));
         let k = 24 * BLOCK;
         let p = PackedMatrix::pack(&w[..n * k], n, k, Packing::Q8_0);
         let Data::Q8 { q, d } = &p.data else { unreachable!() };
