@@ -20,8 +20,7 @@ use rayon::prelude::*;
 /// 62-67 at 32). Decode steps (one row) always do.
 pub const MIN_ROWS: usize = 16;
 
-/// Values a block, as q8_0's.
-pub const BLOCK: usize = 32;
+use crate::cpu::packed::BLOCK;
 /// Output rows (W rows) a panel: two registers of 16 int32 lanes.
 const PANEL: usize = 32;
 /// Rows of x a kernel call (4 and 6 ran at the same speed, 2 at 0.8x and 8 at 0.95x, on one
@@ -273,16 +272,10 @@ mod tests {
         (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
     }
 
+    /// W in q8_0, as the model packs it.
     fn q8(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
-        let mut q = vec![0i8; w.len()];
-        let mut d = vec![0f32; w.len() / BLOCK];
-        for ((q, d), w) in q.chunks_exact_mut(BLOCK).zip(&mut d).zip(w.chunks_exact(BLOCK)) {
-            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *d = amax / 127.0;
-            for (q, v) in q.iter_mut().zip(w) {
-                *q = if amax == 0.0 { 0 } else { (v / *d).round() as i8 };
-            }
-        }
+        let (mut q, mut d) = (vec![0i8; w.len()], vec![0f32; w.len() / BLOCK]);
+        crate::cpu::packed::q8_quantize(&mut q, &mut d, w);
         (q, d)
     }
 

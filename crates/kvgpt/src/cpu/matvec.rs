@@ -42,12 +42,9 @@ pub struct RowPlan {
 impl RowPlan {
     /// m rows of one sequence.
     pub fn single(m: usize) -> Self {
-        let chunk_rows = if m >= int8::MIN_ROWS { m } else { 0 };
-        if m <= MAX_ROWS {
-            Self { small: m, chunk_rows, big: vec![] }
-        } else {
-            Self { small: 0, chunk_rows: 0, big: vec![m] }
-        }
+        let mut plan = Self::empty();
+        plan.push(m);
+        plan
     }
 
     /// An empty plan, to add segments to in `rank` order.

@@ -124,18 +124,17 @@ impl PackedMatrix {
 
     /// `matmul`, expanding W `slab_floats` at a time (at least a row) when x has many rows.
     fn matmul_in_slabs(&self, x: &[f32], bias: Option<&[f32]>, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
-        let (n, k) = (self.n, self.k);
-        let m = matvec::rows_of(x, n, k, bias)?;
-        if m <= matvec::MAX_ROWS && (m < int8::MIN_ROWS || !self.int8_rows()) {
-            return self.few_rows(x, bias);
-        }
-        let mut y = vec![0f32; m * n];
-        self.many_rows(x, bias, &mut y, slab_floats);
-        Ok(y)
+        let m = matvec::rows_of(x, self.n, self.k, bias)?;
+        self.planned(x, bias, &matvec::RowPlan::single(m), slab_floats)
     }
 
     /// y = x W^T (+ b) with x's rows grouped by `plan` (see `matvec::RowPlan`).
     pub fn matmul_by(&self, x: &[f32], bias: Option<&[f32]>, plan: &matvec::RowPlan) -> candle_core::Result<Vec<f32>> {
+        self.planned(x, bias, plan, SLAB_FLOATS)
+    }
+
+    /// `matmul_by`, expanding W `slab_floats` at a time (at least a row) for gemm.
+    fn planned(&self, x: &[f32], bias: Option<&[f32]>, plan: &matvec::RowPlan, slab_floats: usize) -> candle_core::Result<Vec<f32>> {
         let m = matvec::rows_of(x, self.n, self.k, bias)?;
         if self.int8_rows() {
             // Decode steps and short chunks through the few-row kernels, the other chunks' rows
@@ -147,11 +146,11 @@ impl PackedMatrix {
             let mut y = if one > 0 { self.few_rows(&x[..one * k], bias)? } else { vec![] };
             y.resize(m * n, 0.0);
             if m > one {
-                self.many_rows(&x[one * k..], bias, &mut y[one * n..], SLAB_FLOATS);
+                self.many_rows(&x[one * k..], bias, &mut y[one * n..], slab_floats);
             }
             return Ok(y);
         }
-        plan.apply(x, self.k, self.n, |x| self.few_rows(x, bias), |x, y| self.many_rows(x, bias, y, SLAB_FLOATS))
+        plan.apply(x, self.k, self.n, |x| self.few_rows(x, bias), |x, y| self.many_rows(x, bias, y, slab_floats))
     }
 
     /// Whether products of two rows or more take the integer path (q8_0 on AVX512-VNNI).
@@ -215,9 +214,6 @@ impl PackedMatrix {
                 }
             }
         });
-        if m == 1 {
-            return Ok(yt);
-        }
         let mut y = vec![0f32; m * n];
         for (j, col) in yt.chunks_exact(m).enumerate() {
             for (i, v) in col.iter().enumerate() {
@@ -375,7 +371,7 @@ impl Rows for PackedMatrix {
 /// away from zero (roundf, written as trunc and an exact remainder so that it vectorizes:
 /// `f32::round` is a libm call a value, 10 % of a q8_0 load's samples).
 #[inline(always)]
-fn q8_quantize(q: &mut [i8], d: &mut [f32], w: &[f32]) {
+pub(crate) fn q8_quantize(q: &mut [i8], d: &mut [f32], w: &[f32]) {
     for ((q, d), w) in q.chunks_exact_mut(BLOCK).zip(d.iter_mut()).zip(w.chunks_exact(BLOCK)) {
         let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
         *d = amax / 127.0;
@@ -538,7 +534,7 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
 
 /// Four 16-bit rows (f16 or bf16) dotted with x, one widened value at a time.
 fn half_dot4_portable<T>(w: [&[T]; 4], x: &[f32], widen: impl Fn(&T) -> f32) -> [f32; 4] {
-    w.map(|w| w.iter().zip(x).map(|(w, x)| widen(w) * x).sum())
+    w.map(|w| half_dot1_portable(w, x, &widen))
 }
 
 /// Four 16-bit rows (f16 or bf16, widened by `widen`) dotted with each of R rows of x,
