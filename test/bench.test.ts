@@ -85,11 +85,15 @@ describe('kvgpt bench on the tiny fixture', () => {
       expect(run.tokenMs.p50).toBeGreaterThan(0);
     }
     expect(result.runs[0].ofOne).toBe(1);
-    // Three at once ride the same passes: alone they would take 3 x 6 passes (a prefill and 5
-    // decode steps each); the engine may start a pass before the last call reaches it, so a
-    // pass or two more than 6.
-    expect(result.runs[1].steps).toBeLessThanOrEqual(10);
-    expect(result.runs[1].meanBatchSize).toBeGreaterThanOrEqual(2);
+    // Three at once ride the same passes: alone they would take 3 x 6 = 18 passes (a prefill and
+    // 5 decode steps each), together 6 when all three arrive before the first pass. The engine
+    // may start a pass before the last call reaches it (on a loaded CI machine the submitting
+    // thread can lose its core between calls), so allow a few more than 6, and check that the
+    // mean batch is the 18 sequence-passes spread over the passes taken.
+    const three = result.runs[1];
+    expect(three.steps).toBeGreaterThanOrEqual(6);
+    expect(three.steps).toBeLessThanOrEqual(12);
+    expect(three.meanBatchSize).toBeCloseTo(18 / three.steps, 6);
     expect(readFileSync(join(dir, 'throughput.svg'), 'utf8')).toContain('concurrent sequences');
     expect(r.stdout).toMatch(/^\s*concurrency\s+tokens\/s\s+x c=1/);
     expect(bench('--model', TINY, '--concurrency', '2', '--prompt-tokens', '100', '--new-tokens', '40').stderr).toMatch(/must fit in n_positions \(128\)/);
