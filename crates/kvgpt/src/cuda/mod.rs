@@ -1,8 +1,10 @@
-//! kvgpt's own CUDA kernels (`attention.cu`, compiled to PTX by build.rs with nvcc when the
-//! `cuda` feature is on) and their candle glue: a step's attention over every sequence's KV
-//! cache in two launches per layer, however many sequences ride in the step. `StepMeta` holds
-//! what the kernels need on the device for the whole pass (each row's sequence and position,
-//! each sequence's cache addresses per layer and capacity), uploaded once per forward pass.
+//! kvgpt's own CUDA kernels (`attention.cu`, `decode.cu`, compiled to PTX by build.rs with nvcc
+//! when the `cuda` feature is on) and their candle glue: a step's attention over every
+//! sequence's KV cache in two launches per layer, however many sequences ride in the step, and
+//! (`step`) the whole decode step of up to 8 sequences in kvgpt's kernels, replayed as a CUDA
+//! graph. `StepMeta` holds what the attention needs on the device for the whole pass (each
+//! row's sequence and position, each sequence's cache addresses per layer and capacity),
+//! uploaded once per forward pass.
 
 use crate::error::{Error, Result};
 use crate::model::attention::SeqRows;
@@ -11,6 +13,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CustomOp1, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
+
+pub mod step;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const MODULE: &str = "kvgpt_attention";
@@ -53,17 +57,18 @@ fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     }
 }
 
-/// The device address of a buffer's first element (its layout's start offset included).
+/// The device address of a buffer's first element (its layout's start offset included): a KV
+/// cache's, or a weight's for the decode step.
 pub fn address(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
-    let s = cuda(&storage, "a KV cache")?;
+    let s = cuda(&storage, "a KV cache or weight")?;
     let stream = s.device().cuda_stream();
     let stream = &stream;
     let (base, size) = match &s.slice {
         CudaStorageSlice::F32(x) => (x.device_ptr(stream).0, 4),
         CudaStorageSlice::F16(x) => (x.device_ptr(stream).0, 2),
         CudaStorageSlice::BF16(x) => (x.device_ptr(stream).0, 2),
-        _ => return Err(Error::internal(format!("KV cache of dtype {:?}", t.dtype()))),
+        _ => return Err(Error::internal(format!("a KV cache or weight of dtype {:?} for kvgpt's kernels", t.dtype()))),
     };
     Ok(base + (layout.start_offset() * size) as u64)
 }

@@ -62,6 +62,10 @@ pub struct Gpt2 {
     act: candle_nn::Activation,
     device: Device,
     dtype: WeightDType,
+    /// On CUDA, the decode step in kvgpt's kernels as a CUDA graph (`cuda::step`), for the
+    /// shapes and dtypes it holds.
+    #[cfg(feature = "cuda")]
+    decode: Option<std::sync::Mutex<crate::cuda::step::DecodeStep>>,
 }
 
 /// Takes named tensors out of the checkpoint, checking each shape against the config.
@@ -191,7 +195,100 @@ impl Gpt2 {
             Activation::Relu => candle_nn::Activation::Relu,
             Activation::Silu => candle_nn::Activation::Silu,
         };
-        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head, act, device: device.clone(), dtype })
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut model = Self {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            act,
+            device: device.clone(),
+            dtype,
+            #[cfg(feature = "cuda")]
+            decode: None,
+        };
+        #[cfg(feature = "cuda")]
+        {
+            model.decode = model.decode_step()?.map(std::sync::Mutex::new);
+        }
+        Ok(model)
+    }
+
+    /// The CUDA decode step over this model's weights, where it applies: a CUDA device, f32,
+    /// f16 or bf16 weights (q8_0 keeps candle's quantized products), GPT-2's tanh GELU.
+    #[cfg(feature = "cuda")]
+    fn decode_step(&self) -> Result<Option<crate::cuda::step::DecodeStep>> {
+        use crate::cuda::step::{weight_address as at, DecodeStep, LayerWeights, StepMode, StepWeights};
+        let Device::Cuda(dev) = &self.device else { return Ok(None) };
+        if self.dtype == WeightDType::Q8_0 || self.act != candle_nn::Activation::NewGelu {
+            return Ok(None);
+        }
+        let mode = StepMode::from_env()?;
+        let Some(wte) = &self.wte else { return Ok(None) };
+        let linear = |l: &Linear, what: &str| -> Result<Option<(u64, u64)>> {
+            match l.dense() {
+                Some((w, Some(b))) => Ok(Some((at(w, what)?, at(b, what)?))),
+                _ => Ok(None),
+            }
+        };
+        let ln = |l: &LayerNorm, what: &str| -> Result<Option<[u64; 2]>> {
+            match l.bias() {
+                Some(b) => Ok(Some([at(l.weight(), what)?, at(b, what)?])),
+                None => Ok(None),
+            }
+        };
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (Some((attn_w, attn_b)), Some((proj_w, proj_b)), Some((fc_w, fc_b)), Some((mlp_w, mlp_b)), Some(ln_1), Some(ln_2)) = (
+                linear(&b.attn.c_attn, "c_attn")?,
+                linear(&b.attn.c_proj, "c_proj")?,
+                linear(&b.c_fc, "c_fc")?,
+                linear(&b.mlp_proj, "mlp c_proj")?,
+                ln(&b.ln_1, "ln_1")?,
+                ln(&b.ln_2, "ln_2")?,
+            ) else {
+                return Ok(None);
+            };
+            let scale = b.attn.scale as f32;
+            layers.push(LayerWeights { ln_1, attn_w, attn_b, proj_w, proj_b, ln_2, fc_w, fc_b, mlp_w, mlp_b, scale });
+        }
+        let (Some(ln_f), Some((lm_head, None))) = (ln(&self.ln_f, "ln_f")?, self.lm_head.dense()) else { return Ok(None) };
+        let w = StepWeights {
+            wte: at(wte, "wte")?,
+            wpe: at(&self.wpe, "wpe")?,
+            layers,
+            ln_f,
+            lm_head: at(lm_head, "lm_head")?,
+            n_embd: self.cfg.n_embd,
+            n_head: self.cfg.n_head,
+            n_inner: self.cfg.n_inner,
+            vocab: self.cfg.vocab_size,
+            eps: self.cfg.layer_norm_epsilon as f32,
+        };
+        let spare = KvCache::new(&self.cfg, 1, self.cache_dtype(), &self.device)?;
+        DecodeStep::new(mode, dev, w, spare, self.dtype())
+    }
+
+    /// Which decode path this CUDA model takes (None: it has only candle's, e.g. on the CPU or
+    /// in q8_0).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_step_mode(&self) -> Option<crate::cuda::step::StepMode> {
+        self.decode.as_ref().map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).mode())
+    }
+
+    /// Switches the decode path of a CUDA model that has kvgpt's (tests and benchmarks compare
+    /// them); false where it has only candle's.
+    #[cfg(feature = "cuda")]
+    pub fn set_cuda_step_mode(&self, mode: crate::cuda::step::StepMode) -> bool {
+        match &self.decode {
+            Some(d) => {
+                d.lock().unwrap_or_else(|p| p.into_inner()).set_mode(mode);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn config(&self) -> &Gpt2Config {
@@ -268,6 +365,16 @@ impl Gpt2 {
             }
             if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
                 return Err(Error::InvalidInput(format!("token id {id} is outside the vocabulary (ids are 0..{})", self.cfg.vocab_size)));
+            }
+        }
+        // A step of one-token rows each wanting its next token: kvgpt's CUDA decode step.
+        #[cfg(feature = "cuda")]
+        if let Some(decode) = &self.decode {
+            if segs.iter().all(|s| s.ids.len() == 1 && s.logits == Logits::Last) {
+                let mut decode = decode.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(logits) = decode.run(segs)? {
+                    return Ok(StepLogits { logits: Some(logits), rows: (0..segs.len()).map(|i| i..i + 1).collect() });
+                }
             }
         }
         // Row order: one-row segments, then short chunks, then each long one (`RowPlan`).

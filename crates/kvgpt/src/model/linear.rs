@@ -67,6 +67,15 @@ impl Linear {
         }
     }
 
+    /// W (out, in) and the bias, where W is a plain tensor (f32, f16, bf16 off the CPU's packed
+    /// forms): what kvgpt's CUDA decode step reads.
+    pub fn dense(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.w {
+            Weight::Dense(w) => Some((w, self.b.as_ref())),
+            _ => None,
+        }
+    }
+
     /// Rows `ids` of a packed W as f32 (N, in): a tied lm_head used as the embedding table.
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.w {
