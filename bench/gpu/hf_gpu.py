@@ -7,10 +7,12 @@ GPT2LMHeadModel with GPT-2 small's config and seeded random weights, batch 1, gr
   a prompt of `context` tokens, (time(21 new) - time(1 new)) / 20;
 - the article's table on the GPU: L = 10..910 from a 5-token prompt, use_cache on and off (f32
   eager, and f16 static for cache on).
-Writes one JSON object to argv[1].
+Writes one JSON object to argv[1]. HF_PARTS (default eager,static,article) picks the parts:
+issue 12's call (bench/gpu/issue12.sh) takes static alone, in f16, f32 and bf16.
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,17 +104,20 @@ def main():
     result = {"tool": "hf-transformers", "torch": torch.__version__, "transformers": transformers.__version__,
               "gpu": props.name, "sms": props.multi_processor_count, "ceilings": ceilings(),
               "decode": [], "article": []}
+    parts = os.environ.get("HF_PARTS", "eager,static,article").split(",")
     for dtype in DTYPES:
         m = model_in(dtype)
-        result["decode"] += decode(m, dtype, "eager")
-        if dtype in ("f16", "f32"):
+        if "eager" in parts:
+            result["decode"] += decode(m, dtype, "eager")
+        if "static" in parts and (dtype in ("f16", "f32") or parts == ["static"]):
             result["decode"] += decode(m, dtype, "static", cache_implementation="static")
         del m
-    m = model_in("f32")
-    result["article"] += article(m, "f32", "eager", True)
-    result["article"] += article(m, "f32", "eager", False)
-    m = model_in("f16")
-    result["article"] += article(m, "f16", "static", True, cache_implementation="static")
+    if "article" in parts:
+        m = model_in("f32")
+        result["article"] += article(m, "f32", "eager", True)
+        result["article"] += article(m, "f32", "eager", False)
+        m = model_in("f16")
+        result["article"] += article(m, "f16", "static", True, cache_implementation="static")
     with open(OUT, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Issue 12 on the H200 (no Rust, no Node there), in two calls to one warm machine, from the
+# repository root; results go to $OUT (or ./gpu-out).
+#
+#   bash bench/gpu/issue12.sh check   carry [".gpu-tests", ".gpu-llama"]: starts building
+#       llama.cpp's llama-bench in the background (its own session, so it outlives the call on
+#       the warm machine; bench/gpu/llama.sh), runs the Rust parity and batching suites on CUDA
+#       (the batching suite holds the decode-step test: graph = plain kernels bit for bit, both
+#       within each dtype's bound of candle's ops, with each path's step time), then waits for
+#       the build and makes the checkpoint and its GGUFs.
+#   bash bench/gpu/issue12.sh bench   carry [".gpu", ".gpu-llama"]: one after another, nothing
+#       else running: kvgpt's decode per token through each path and dtype (step.js, on the
+#       checkpoint llama.sh made, which HF and llama.cpp read too), the batching table
+#       (throughput.js), HF's static cache (hf_gpu.py, HF_PARTS=static), llama-bench (built
+#       here first if the machine came back cold), then the kernels a decode step runs (ncu,
+#       counted; last, as it is the slowest and least needed).
+#   bash bench/gpu/issue12.sh profile carry [".gpu"]: Nsight Compute's duration of every kernel
+#       of 12-token f16 generations through the graph from prompts of 8 and 600 tokens
+#       (ncu-graph-f16-ctx*.csv; docs/bench/issue12/ncu-summary.txt is one replayed step of each).
+#
+# The two payloads are split because a call carries 64 MiB with the repository (28 MB): the
+# test binaries (16 MB) and Node with the addon (about 30 MB) do not fit together. Made by
+#   KVGPT_GPU_TESTS="parity batch" KVGPT_STAGE_CPU_ADDON=0 bash bench/gpu/stage.sh
+#   mv .gpu/tests .gpu-tests   # and .gpu-llama/llama-src.tar.xz as llama.sh says
+set -uo pipefail
+ROOT="$(pwd)"
+OUT="${OUT:-$ROOT/gpu-out}"
+mkdir -p "$OUT"
+CU13=$(python3 -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'lib'))" 2>/dev/null)
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${CU13}:${LD_LIBRARY_PATH:-}"
+export PATH="/usr/local/cuda/bin:$PATH"
+
+check() {
+  exec > >(tee "$OUT/check.log") 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  LLAMA_JOBS=12 setsid nohup bash bench/gpu/llama.sh build > /tmp/llama-build.log 2>&1 < /dev/null &
+  echo "== Rust parity and batching suites on CUDA"
+  for f in .gpu-tests/*.xz; do xz -dkf "$f"; chmod +x "${f%.xz}"; done
+  for t in parity batch; do
+    KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES="$ROOT/test/fixtures" timeout 300 ".gpu-tests/$t" --test-threads 1 --nocapture 2>&1 |
+      grep -v -E '^ +[0-9]+: |^ +at '
+  done
+  echo "== waiting for llama.cpp's build (at most until 560 s into the call)"
+  while pgrep -f "llama.sh build" >/dev/null && [ "$SECONDS" -lt 560 ]; do sleep 3; done
+  tail -15 /tmp/llama-build.log
+  cp /tmp/llama-build.log "$OUT/" 2>/dev/null
+}
+
+bench() {
+  . "$ROOT/bench/gpu/setup.sh" issue12.log
+  local cold=0
+  [ -x /tmp/llama.cpp/build/bin/llama-bench ] || { cold=1; echo "llama-bench not here (a fresh machine): built last"; }
+  bash "$ROOT/bench/gpu/llama.sh" model || return 1
+  cd "$PAYLOAD/repo"
+  echo "== 1. kvgpt: decode per token through each path (graph, kernels, candle), batch 1, and 1-8 at once"
+  KVGPT_BENCH_MODEL=/tmp/gpt2-small-random /tmp/node bench/gpu/step.js "$OUT/kvgpt-step.json"
+  echo "== 2. kvgpt's batching table, f16"
+  KVGPT_FIXTURES="$FIXTURES" /tmp/node bench/gpu/throughput.js "$OUT/kvgpt-throughput.json"
+  cd "$ROOT"
+  echo "== 3. HF transformers, static cache"
+  HF_PARTS=static PYTHONUNBUFFERED=1 python3 bench/gpu/hf_gpu.py "$OUT/hf-static.json" 2>&1 | grep -v -i warn
+  echo "== 4. llama.cpp llama-bench"
+  [ "$cold" = 0 ] || bash bench/gpu/llama.sh build
+  bash bench/gpu/llama.sh bench "$OUT/llama.json"
+  cd "$PAYLOAD/repo"
+  echo "== 5. kernels a decode step runs (ncu: a 12-token run less a 2-token one, over 10 steps), f16"
+  for mode in graph candle; do
+    for n in 2 12; do
+      KVGPT_STEP_ONLY=launches KVGPT_BENCH_MODES=$mode KVGPT_LAUNCH_TOKENS=$n timeout 60 \
+        ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "/tmp/ncu-$mode-$n.csv" \
+        /tmp/node bench/gpu/step.js /dev/null > /dev/null 2>&1
+      echo "$mode $n: $(grep -c '"gpu__time_duration.sum"' "/tmp/ncu-$mode-$n.csv" 2>/dev/null) kernels"
+    done
+  done | tee "$OUT/launches.txt"
+  cd "$ROOT"
+  echo "done"
+}
+
+profile() {
+  . "$ROOT/bench/gpu/setup.sh" profile.log
+  cd "$PAYLOAD/repo"
+  for ctx in 8 600; do
+    KVGPT_STEP_ONLY=launches KVGPT_BENCH_MODES=graph KVGPT_LAUNCH_TOKENS=12 KVGPT_LAUNCH_CONTEXT=$ctx timeout 100 \
+      ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu-graph-f16-ctx$ctx.csv" \
+      /tmp/node bench/gpu/step.js /dev/null > /dev/null 2>&1
+    echo "context $ctx: $(grep -c gpu__time_duration "$OUT/ncu-graph-f16-ctx$ctx.csv") kernels profiled"
+  done
+}
+
+case "${1:-}" in
+  check) check ;;
+  bench) bench ;;
+  profile) profile ;;
+  *) echo "usage: issue12.sh check | bench | profile" >&2; exit 2 ;;
+esac
