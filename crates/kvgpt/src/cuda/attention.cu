@@ -1,19 +1,15 @@
 // Batched causal self-attention over per-sequence KV caches, for one layer of a step, in two
 // launches whatever the number of sequences:
 //   kv_write_*: every row's K and V (columns C..3C of the step's qkv) into its sequence's cache
-//               at the row's position (the decode step's products write them themselves:
-//               decode.cu);
+//               at the row's position;
 //   attend_*:   one block per (row, head): the row's query against keys 0..=pos of its
 //               sequence's cache, with an online softmax over tiles of 32 keys (4 warps take
 //               tiles in turn; in a tile a lane scores one key, then each lane sums the
 //               weighted V rows for the head dims it holds: lane, lane + 32, ...; the warps'
-//               partial sums are merged at the end), written to out (N, C);
-//   attend_split_* and combine_*: the same over a grid of (row, head, split), each block taking
-//               one share of the keys (flash-decoding: a step of few rows and long contexts
-//               would otherwise keep n_head blocks a row busy on a GPU of 132 multiprocessors),
-//               then one block per (row, head) merging the shares.
-// Caches are found through a table of addresses, [sequence][layer][K, V], of buffers shaped
-// (1, n_head, capacity, head_dim), HF's layout. Sums are in f32 for every storage type.
+//               partial sums are merged at the end), written to out (N, C).
+// (The decode step of a few sequences has its own attention kernel, in decode.cu.) Caches are
+// found through a table of addresses, [sequence][layer][K, V], of buffers shaped (1, n_head,
+// capacity, head_dim), HF's layout. Sums are in f32 for every storage type.
 
 #include "common.cuh"
 
@@ -67,39 +63,21 @@ template <> __device__ __forceinline__ float row_dot<__nv_bfloat16>(const float 
   return row_dot_pairs<__nv_bfloat16, __nv_bfloat162>(q, k, hs);
 }
 
-// One block per (row, head), or per (row, head, split) with SPLIT: the split's share of keys
-// 0..=pos (n_split shares of whole tiles; a share past pos is empty). The warps take tiles of
-// 32 keys in turn (warp w: tiles w, w + WARPS, ...); in a tile each lane scores one key against
-// the query, the warp takes the tile's max and sum (two reductions a tile, not one a key), then
-// every lane adds the 32 weighted V rows to the head dims it holds (lane, lane + 32, ...:
-// coalesced reads). The warps' partial results are merged at the end: into out (N, C), or with
-// SPLIT into the split's partial (max, sum, unnormalized sums), which combine_* merges.
-template <typename T, bool SPLIT>
+// One block per (row, head). The warps take tiles of 32 keys in turn (warp w: tiles w, w + WARPS,
+// ...); in a tile each lane scores one key against the query, the warp takes the tile's max and
+// sum (two reductions a tile, not one a key), then every lane adds the 32 weighted V rows to the
+// head dims it holds (lane, lane + 32, ...: coalesced reads). The warps' partial results are
+// merged at the end.
+template <typename T>
 __device__ void attend(const T *qkv, T *out, uint32_t n, uint32_t c, uint32_t hs, float scale, const uint64_t *ptrs,
                        uint32_t n_layer, uint32_t layer, const uint32_t *seq_of_row, const uint32_t *pos_of_row,
-                       const uint32_t *caps, float *part, uint32_t n_split) {
+                       const uint32_t *caps) {
   __shared__ float q[32 * MAX_DIMS_PER_LANE];
   __shared__ float warp_max[WARPS], warp_sum[WARPS];
   __shared__ float warp_acc[WARPS * 32 * MAX_DIMS_PER_LANE];
   const uint32_t row = blockIdx.x, h = blockIdx.y;
   const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint32_t s = seq_of_row[row], pos = pos_of_row[row], cap = caps[s];
-  // Keys lo..hi-1: all of 0..=pos, or this split's share.
-  uint32_t lo = 0, hi = pos + 1;
-  const uint64_t slot = ((uint64_t)row * gridDim.y + h) * n_split + (SPLIT ? blockIdx.z : 0);
-  if (SPLIT) {
-    const uint32_t share = (hi + n_split - 1) / n_split;
-    const uint32_t chunk = (share + 31) / 32 * 32;
-    lo = min(hi, blockIdx.z * chunk);
-    hi = min(hi, lo + chunk);
-    if (lo == hi) {  // an empty share weighs 0 in the merge
-      if (threadIdx.x == 0) {
-        part[2 * slot] = -INFINITY;
-        part[2 * slot + 1] = 0.f;
-      }
-      return;
-    }
-  }
   const T *K = reinterpret_cast<const T *>(ptrs[((uint64_t)s * n_layer + layer) * 2]) + (uint64_t)h * cap * hs;
   const T *V = reinterpret_cast<const T *>(ptrs[((uint64_t)s * n_layer + layer) * 2 + 1]) + (uint64_t)h * cap * hs;
   const T *qg = qkv + (uint64_t)row * 3 * c + (uint64_t)h * hs;
@@ -110,22 +88,22 @@ __device__ void attend(const T *qkv, T *out, uint32_t n, uint32_t c, uint32_t hs
 #pragma unroll
   for (uint32_t i = 0; i < MAX_DIMS_PER_LANE; i++) acc[i] = 0.f;
   float m = -INFINITY, l = 0.f;
-  for (uint32_t j0 = lo + 32 * warp; j0 < hi; j0 += 32 * WARPS) {
+  for (uint32_t j0 = 32 * warp; j0 <= pos; j0 += 32 * WARPS) {
     const uint32_t j = j0 + lane;
-    const float score = j < hi ? row_dot(q, K + (uint64_t)j * hs, hs) : -INFINITY;
+    const float score = j <= pos ? row_dot(q, K + (uint64_t)j * hs, hs) : -INFINITY;
     float tile_max = score;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
-    const float m_new = fmaxf(m, tile_max);  // finite: key j0 < hi is in the tile
+    const float m_new = fmaxf(m, tile_max);  // finite: key j0 <= pos is in the tile
     const float corr = expf(m - m_new);      // 0 for the first tile (m = -inf)
-    const float p = j < hi ? expf(score - m_new) : 0.f;
+    const float p = j <= pos ? expf(score - m_new) : 0.f;
     float tile_sum = p;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, o);
     l = l * corr + tile_sum;
 #pragma unroll
     for (uint32_t i = 0; i < MAX_DIMS_PER_LANE; i++) acc[i] *= corr;
-    const uint32_t keys = min(32u, hi - j0);
+    const uint32_t keys = min(32u, pos - j0 + 1);
     for (uint32_t k = 0; k < keys; k++) {
       const float pk = __shfl_sync(0xffffffffu, p, k);
       const T *vk = V + (uint64_t)(j0 + k) * hs;
@@ -146,7 +124,7 @@ __device__ void attend(const T *qkv, T *out, uint32_t n, uint32_t c, uint32_t hs
   __syncthreads();
   if (warp != 0) return;
   // Merge the warps: a warp that saw no key has max -inf and sum 0, and weighs 0. Warp 0 always
-  // saw key lo, so the overall max is finite.
+  // saw key 0, so the overall max is finite.
   float big = -INFINITY;
   for (uint32_t w = 0; w < WARPS; w++) big = fmaxf(big, warp_max[w]);
   float weight[WARPS], total = 0.f;
@@ -154,44 +132,11 @@ __device__ void attend(const T *qkv, T *out, uint32_t n, uint32_t c, uint32_t hs
     weight[w] = warp_max[w] == -INFINITY ? 0.f : expf(warp_max[w] - big);
     total += warp_sum[w] * weight[w];
   }
-  if (SPLIT && lane == 0) {
-    part[2 * slot] = big;
-    part[2 * slot + 1] = total;
-  }
   for (uint32_t i = 0; i < per; i++) {
     const uint32_t d = lane + 32 * i;
     if (d >= hs) continue;
     float o = 0.f;
     for (uint32_t w = 0; w < WARPS; w++) o += warp_acc[(w * MAX_DIMS_PER_LANE + i) * 32 + lane] * weight[w];
-    if (SPLIT) {
-      // the sums after the (max, sum) pairs of every slot
-      part[2 * (uint64_t)n * gridDim.y * n_split + slot * hs + d] = o;
-    } else {
-      out[(uint64_t)row * c + (uint64_t)h * hs + d] = from_f<T>(o / total);
-    }
-  }
-}
-
-// Merges the n_split partials of each (row, head) of attend<T, true>: one block per (row, head),
-// a thread per head dim.
-template <typename T>
-__device__ void combine(T *out, uint32_t n, uint32_t c, uint32_t hs, const float *part, uint32_t n_split) {
-  const uint32_t row = blockIdx.x, h = blockIdx.y;
-  const uint64_t first = ((uint64_t)row * gridDim.y + h) * n_split;
-  float big = -INFINITY;
-  for (uint32_t s = 0; s < n_split; s++) big = fmaxf(big, part[2 * (first + s)]);
-  float total = 0.f;
-  for (uint32_t s = 0; s < n_split; s++) {
-    const float m = part[2 * (first + s)];
-    if (m != -INFINITY) total += part[2 * (first + s) + 1] * expf(m - big);
-  }
-  const float *sums = part + 2 * (uint64_t)n * gridDim.y * n_split;
-  for (uint32_t d = threadIdx.x; d < hs; d += blockDim.x) {
-    float o = 0.f;
-    for (uint32_t s = 0; s < n_split; s++) {
-      const float m = part[2 * (first + s)];
-      if (m != -INFINITY) o += sums[(first + s) * hs + d] * expf(m - big);
-    }
     out[(uint64_t)row * c + (uint64_t)h * hs + d] = from_f<T>(o / total);
   }
 }
@@ -206,17 +151,7 @@ __device__ void combine(T *out, uint32_t n, uint32_t c, uint32_t hs, const float
                                            const uint64_t *ptrs, uint32_t n_layer, uint32_t layer,                    \
                                            const uint32_t *seq_of_row, const uint32_t *pos_of_row,                    \
                                            const uint32_t *caps) {                                                    \
-    attend<T, false>(qkv, out, n, c, hs, scale, ptrs, n_layer, layer, seq_of_row, pos_of_row, caps, nullptr, 1);       \
-  }                                                                                                                    \
-  extern "C" __global__ void attend_split_##NAME(const T *qkv, uint32_t n, uint32_t c, uint32_t hs, float scale,      \
-                                                 const uint64_t *ptrs, uint32_t n_layer, uint32_t layer,              \
-                                                 const uint32_t *seq_of_row, const uint32_t *pos_of_row,              \
-                                                 const uint32_t *caps, float *part, uint32_t n_split) {               \
-    attend<T, true>(qkv, nullptr, n, c, hs, scale, ptrs, n_layer, layer, seq_of_row, pos_of_row, caps, part, n_split); \
-  }                                                                                                                    \
-  extern "C" __global__ void combine_##NAME(T *out, uint32_t n, uint32_t c, uint32_t hs, const float *part,           \
-                                            uint32_t n_split) {                                                       \
-    combine<T>(out, n, c, hs, part, n_split);                                                                          \
+    attend<T>(qkv, out, n, c, hs, scale, ptrs, n_layer, layer, seq_of_row, pos_of_row, caps);                         \
   }
 
 KVGPT_ATTENTION(float, f32)

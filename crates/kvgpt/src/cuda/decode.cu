@@ -3,7 +3,7 @@
 //   embed                    x = wte[id] + wpe[pos]
 //   per layer:
 //     gemv QKV (LN)          qkv = ln_1(x) W_attn^T + b, K and V also written into each row's cache
-//     attend (attention.cu)  att
+//     attend_decode          att
 //     gemv RESID             x += att W_proj^T + b
 //     gemv GELU (LN)         f = gelu_tanh(ln_2(x) W_fc^T + b)
 //     gemv RESID             x += f W_mlp^T + b
@@ -16,8 +16,8 @@
 // T, each product rounding once (its bias, activation and residual are applied to the f32
 // sum) where candle's path rounds after the product and again after each elementwise op.
 //
-// Row metadata, as attention.cu reads it: ids, positions, sequence of each row (here row r is
-// sequence r), capacities, and the KV cache address table [row][layer][K, V].
+// Row metadata: ids, positions, capacities (row r is sequence r of the step), and the KV cache
+// address table [row][layer][K, V], laid out as attention.cu's.
 
 #include "common.cuh"
 
@@ -55,6 +55,13 @@ template <typename T, typename T2> struct Vec16Pairs {
 };
 template <> struct Vec16<__half> : Vec16Pairs<__half, __half2> {};
 template <> struct Vec16<__nv_bfloat16> : Vec16Pairs<__nv_bfloat16, __nv_bfloat162> {};
+
+// 8 elements from p (16-byte aligned) as floats: one 16-byte load, two for f32.
+template <typename T> __device__ __forceinline__ void load8(const T *p, float *f) {
+  const uint4 *p4 = reinterpret_cast<const uint4 *>(p);
+  Vec16<T>::load(p4[0], f);
+  if (Vec16<T>::N == 4) Vec16<T>::load(p4[1], f + 4);
+}
 
 #define EPI_QKV 0     // y = v + b (T); columns c..3c (K, V) also into each row's cache
 #define EPI_RESID 1   // y += v + b (T): the residual stream
@@ -167,6 +174,137 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *
   }
 }
 
+#define DEC_THREADS 128  // threads of an attention block, and keys of a tile
+
+// The sum (or max) of v over the block's DEC_THREADS threads, in every thread.
+template <bool MAX> __device__ __forceinline__ float block_reduce(float v, float *shared) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = MAX ? fmaxf(v, u) : v + u;
+  }
+  __syncthreads();  // shared may still be read from the last call
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = shared[0];
+  for (int w = 1; w < DEC_THREADS / 32; w++) r = MAX ? fmaxf(r, shared[w]) : r + shared[w];
+  return r;
+}
+
+// Attention of one query row per sequence over its cache (the K/V of the row's own position
+// written by the QKV product), for the decode step: one block per (row, head, split), the
+// split's share of keys 0..=pos (ceil((pos + 1) / n_split) keys; a share past pos is empty).
+// A key row is read by G = hs / 8 lanes, 16 bytes each (hs / 8 a power of two up to 32): a
+// tile's scores go to shared memory, then each thread sums the weighted V vectors of its keys
+// for its 8 dims, an online softmax across tiles. With n_split > 1 every block writes its
+// partial (max, sum, unnormalized sums) and the last block of a (row, head) to finish (an atomic
+// count, reset by that block for the next step) merges them: no second launch.
+template <typename T>
+__device__ void attend_decode(const T *qkv, T *out, uint32_t c, uint32_t hs, float scale, const uint64_t *ptrs,
+                              uint32_t n_layer, uint32_t layer, const uint32_t *pos_of_row, const uint32_t *caps,
+                              float *part, uint32_t *counters, uint32_t n_split) {
+  __shared__ float s[DEC_THREADS];
+  __shared__ float red[DEC_THREADS * 8];
+  __shared__ float tmp[DEC_THREADS / 32];
+  __shared__ bool last;
+  const uint32_t row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, n_head = gridDim.y;
+  const uint32_t tid = threadIdx.x;
+  const uint32_t g = hs / 8, per_pass = DEC_THREADS / g;  // lanes a key row, keys a pass
+  const uint32_t v = tid % g, kg = tid / g;                 // this thread's 8 dims, key group
+  const uint32_t pos = pos_of_row[row], cap = caps[row];
+  const uint32_t len = pos + 1;
+  const uint32_t chunk = (len + n_split - 1) / n_split;
+  const uint32_t lo = min(len, split * chunk), hi = min(len, lo + chunk);
+  const T *K = reinterpret_cast<const T *>(ptrs[((uint64_t)row * n_layer + layer) * 2]) + (uint64_t)h * cap * hs;
+  const T *V = reinterpret_cast<const T *>(ptrs[((uint64_t)row * n_layer + layer) * 2 + 1]) + (uint64_t)h * cap * hs;
+  float q[8], acc[8];
+  load8(qkv + (uint64_t)row * 3 * c + (uint64_t)h * hs + 8 * v, q);
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    q[e] *= scale;
+    acc[e] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (uint32_t t0 = lo; t0 < hi; t0 += DEC_THREADS) {
+    const uint32_t t1 = min(hi, t0 + DEC_THREADS);
+    // scores of keys t0..t1, G lanes a key
+    for (uint32_t base = t0; base < t1; base += per_pass) {
+      const uint32_t j = base + kg;
+      float dot = 0.f;
+      if (j < t1) {
+        float k[8];
+        load8(K + (uint64_t)j * hs + 8 * v, k);
+#pragma unroll
+        for (int e = 0; e < 8; e++) dot += q[e] * k[e];
+      }
+      for (uint32_t o = g / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (j < t1 && v == 0) s[j - t0] = dot;
+    }
+    __syncthreads();
+    const float mine = tid < t1 - t0 ? s[tid] : -INFINITY;
+    const float m_new = fmaxf(m, block_reduce<true>(mine, tmp));  // finite: the tile has a key
+    const float p = tid < t1 - t0 ? expf(mine - m_new) : 0.f;
+    const float corr = expf(m - m_new);  // 0 for the first tile
+    l = l * corr + block_reduce<false>(p, tmp);
+    m = m_new;
+    if (tid < t1 - t0) s[tid] = p;
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] *= corr;
+    for (uint32_t j = t0 + kg; j < t1; j += per_pass) {
+      float vv[8];
+      load8(V + (uint64_t)j * hs + 8 * v, vv);
+      const float pj = s[j - t0];
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[e] += pj * vv[e];
+    }
+    __syncthreads();  // s is rewritten by the next tile
+  }
+  // the key groups' sums: dims d = 8 v + e of group kg at red[kg * hs + d]
+#pragma unroll
+  for (int e = 0; e < 8; e++) red[kg * hs + 8 * v + e] = acc[e];
+  __syncthreads();
+  const uint64_t slot = ((uint64_t)row * n_head + h) * n_split + split;
+  const uint64_t n_slots = (uint64_t)gridDim.x * n_head * n_split;
+  for (uint32_t d = tid; d < hs; d += DEC_THREADS) {
+    float o = 0.f;
+    for (uint32_t k = 0; k < per_pass; k++) o += red[k * hs + d];
+    if (n_split == 1) {
+      out[(uint64_t)row * c + (uint64_t)h * hs + d] = from_f<T>(o / l);
+    } else {
+      part[2 * n_slots + slot * hs + d] = o;  // 0 for an empty share
+    }
+  }
+  if (n_split == 1) return;
+  if (tid == 0) {
+    part[2 * slot] = m;  // -inf for an empty share: weighs 0
+    part[2 * slot + 1] = l;
+  }
+  __threadfence();  // this block's partial is visible before it is counted
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&counters[(uint64_t)row * n_head + h], 1u) == n_split - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const uint64_t first = ((uint64_t)row * n_head + h) * n_split;
+  float big = -INFINITY;
+  for (uint32_t k = 0; k < n_split; k++) big = fmaxf(big, __ldcg(part + 2 * (first + k)));
+  float total = 0.f;
+  for (uint32_t k = 0; k < n_split; k++) {
+    const float mk = __ldcg(part + 2 * (first + k));
+    if (mk != -INFINITY) total += __ldcg(part + 2 * (first + k) + 1) * expf(mk - big);
+  }
+  for (uint32_t d = tid; d < hs; d += DEC_THREADS) {
+    float o = 0.f;
+    for (uint32_t k = 0; k < n_split; k++) {
+      const float mk = __ldcg(part + 2 * (first + k));
+      if (mk != -INFINITY) o += __ldcg(part + 2 * n_slots + (first + k) * hs + d) * expf(mk - big);
+    }
+    out[(uint64_t)row * c + (uint64_t)h * hs + d] = from_f<T>(o / total);
+  }
+  if (tid == 0) counters[(uint64_t)row * n_head + h] = 0;  // for the next step
+}
+
 #define KVGPT_GEMV(T, NAME, NR, EPI, EPINAME, LN)                                                                      \
   extern "C" __global__ void gemv_##EPINAME##_##NR##_##NAME(                                                           \
       const T *x, const T *w, const T *bias, void *y, uint32_t k, uint32_t n, const T *ln_g, const T *ln_b, float eps, \
@@ -182,6 +320,12 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *
   KVGPT_GEMV(T, NAME, NR, EPI_LOGITS, logits, true)
 
 #define KVGPT_DECODE(T, NAME)                                                                                          \
+  extern "C" __global__ void attend_decode_##NAME(const T *qkv, T *out, uint32_t c, uint32_t hs, float scale,           \
+                                                  const uint64_t *ptrs, uint32_t n_layer, uint32_t layer,               \
+                                                  const uint32_t *pos_of_row, const uint32_t *caps, float *part,        \
+                                                  uint32_t *counters, uint32_t n_split) {                               \
+    attend_decode<T>(qkv, out, c, hs, scale, ptrs, n_layer, layer, pos_of_row, caps, part, counters, n_split);         \
+  }                                                                                                                     \
   extern "C" __global__ void embed_##NAME(const uint32_t *ids, const uint32_t *pos_of_row, const T *wte, const T *wpe,  \
                                           T *x, uint32_t c) {                                                          \
     embed<T>(ids, pos_of_row, wte, wpe, x, c);                                                                          \

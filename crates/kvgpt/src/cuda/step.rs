@@ -1,22 +1,21 @@
-//! The decode step on CUDA in kvgpt's own kernels (decode.cu, attention.cu), over buffers of its
+//! The decode step on CUDA in kvgpt's own kernels (decode.cu), over buffers of its
 //! own, captured as a CUDA graph and replayed. Candle's path spends 8-12 us of host work on each
 //! of a step's ~220 launches (bench/gpu/NOTES.md), so a GPT-2 small step took about 2 ms for
-//! 0.06 ms of memory traffic; here a step of up to 8 one-token rows is 5 kernels a layer (6
-//! where the context is long enough to split the attention) and 2 more, 62 (74) for GPT-2
-//! small, all replayed from one graph: the host copies the rows' ids, positions and cache
-//! addresses into device buffers and launches the graph.
+//! 0.06 ms of memory traffic; here a step of up to 8 one-token rows is 5 kernels a layer and 2
+//! more, 62 for GPT-2 small, all replayed from one graph: the host copies the rows' ids,
+//! positions and cache addresses into device buffers and launches the graph.
 //!
 //! A graph freezes its kernels' arguments, so everything a step reads or writes sits at fixed
 //! addresses: activations in per-bucket buffers (a step of R rows runs in the bucket of 1, 2, 4
 //! or 8 rows that holds it; the rows beyond R write into a one-position cache of their own), the
 //! rows' ids, positions and caches' addresses in device memory, the attention over each row's
 //! whole filled cache with the length read on the device. Two graphs a bucket: one for short
-//! contexts, one that splits each head's keys over several blocks (`SPLIT_FROM`).
+//! contexts, one whose attention splits each head's keys over several blocks (`SPLIT_FROM`).
 //!
 //! `KVGPT_CUDA_STEP` picks the path at load: `graph` (the default), `kernels` (the same
 //! launches without a graph: what the graph saves) or `candle` (candle's ops, as before).
 
-use super::{address, MAX_HEAD_DIM, MODULE as ATTENTION_MODULE, PTX as ATTENTION_PTX};
+use super::address;
 use crate::error::{Error, Result};
 use crate::model::gpt2::Segment;
 use crate::model::kv_cache::KvCache;
@@ -39,6 +38,8 @@ const SPLIT_FROM: usize = 64;
 const SPLIT_BLOCKS: usize = 264;
 /// Warps a block of the products (GEMV_WARPS in decode.cu).
 const GEMV_WARPS: u32 = 4;
+/// Threads a block of the attention (DEC_THREADS in decode.cu).
+const DEC_THREADS: u32 = 128;
 
 /// Which decode path a CUDA model takes (`KVGPT_CUDA_STEP`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,13 +107,11 @@ struct Funcs {
     /// [epilogue: qkv, resid, gelu, logits][bucket]
     gemv: Vec<Vec<CudaFunction>>,
     attend: CudaFunction,
-    attend_split: CudaFunction,
-    combine: CudaFunction,
 }
 
 struct Bucket {
     rows: usize,
-    /// ids | positions | sequence of each row (row r is sequence r) | capacities
+    /// ids | positions | capacities (row r is sequence r of the step)
     meta: CudaSlice<u32>,
     /// [row][layer][K, V] cache addresses
     ptrs: CudaSlice<u64>,
@@ -122,6 +121,8 @@ struct Bucket {
     fc: CudaSlice<u8>,
     /// the split attention's partials: (max, sum) pairs, then sums
     part: CudaSlice<f32>,
+    /// the split attention's count of finished blocks a (row, head), reset by the last
+    counters: CudaSlice<u32>,
     n_split: u32,
     logits: CudaSlice<f32>,
     /// [whole, split]
@@ -153,7 +154,8 @@ fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
 
 impl DecodeStep {
     /// A step for `dtype` (f32, f16 or bf16) activations and weights, or None where its kernels
-    /// do not hold the shapes (head dim > 256, a width not a multiple of 16 bytes). `mode` Candle makes `run` decline every step until `set_mode` says otherwise.
+    /// do not hold the shapes (a head dim other than 8, 16, 32, 64, 128 or 256; a width not a
+    /// multiple of 16 bytes). `mode` Candle makes `run` decline every step until `set_mode` says otherwise.
     pub fn new(mode: StepMode, dev: &CudaDevice, w: StepWeights, spare: KvCache, dtype: DType) -> Result<Option<Self>> {
         let name = match dtype {
             DType::F32 => "f32",
@@ -164,7 +166,7 @@ impl DecodeStep {
         let elem = dtype.size_in_bytes();
         let vec = 16 / elem;
         let hs = w.n_embd / w.n_head;
-        if hs > MAX_HEAD_DIM || w.n_embd % vec != 0 || w.n_inner % vec != 0 {
+        if hs % 8 != 0 || !(hs / 8).is_power_of_two() || hs / 8 > 32 || w.n_embd % vec != 0 || w.n_inner % vec != 0 {
             return Ok(None);
         }
         let func = |module: &str, ptx: &'static str, fname: String| -> Result<CudaFunction> {
@@ -177,9 +179,7 @@ impl DecodeStep {
         let f = Funcs {
             embed: func(MODULE, PTX, format!("embed_{name}"))?,
             gemv,
-            attend: func(ATTENTION_MODULE, ATTENTION_PTX, format!("attend_{name}"))?,
-            attend_split: func(ATTENTION_MODULE, ATTENTION_PTX, format!("attend_split_{name}"))?,
-            combine: func(ATTENTION_MODULE, ATTENTION_PTX, format!("combine_{name}"))?,
+            attend: func(MODULE, PTX, format!("attend_decode_{name}"))?,
         };
         let stream = dev.cuda_stream();
         Ok(Some(Self { mode, dev: dev.clone(), stream, w, elem, f, buckets: BUCKETS.iter().map(|_| None).collect(), spare, no_graph: false }))
@@ -203,13 +203,14 @@ impl DecodeStep {
         let bytes = |n: usize| s.alloc_zeros::<u8>(rows * n * e).w();
         Ok(Bucket {
             rows,
-            meta: s.alloc_zeros::<u32>(4 * rows).w()?,
+            meta: s.alloc_zeros::<u32>(3 * rows).w()?,
             ptrs: s.alloc_zeros::<u64>(rows * n_layer * 2).w()?,
             x: bytes(c)?,
             qkv: bytes(3 * c)?,
             att: bytes(c)?,
             fc: bytes(w.n_inner)?,
             part: s.alloc_zeros::<f32>(rows * w.n_head * n_split * (2 + hs)).w()?,
+            counters: s.alloc_zeros::<u32>(rows * w.n_head).w()?,
             n_split: n_split as u32,
             logits: s.alloc_zeros::<f32>(rows * w.vocab).w()?,
             graphs: [None, None],
@@ -230,7 +231,7 @@ impl DecodeStep {
         }
         let n_layer = self.w.layers.len();
         let rows = BUCKETS[bi];
-        let mut meta = vec![0u32; 4 * rows];
+        let mut meta = vec![0u32; 3 * rows];
         let mut ptrs = Vec::with_capacity(rows * n_layer * 2);
         let mut longest = 0;
         for i in 0..rows {
@@ -244,8 +245,7 @@ impl DecodeStep {
             }
             meta[i] = id;
             meta[rows + i] = cache.len() as u32;
-            meta[2 * rows + i] = i as u32;
-            meta[3 * rows + i] = cache.capacity() as u32;
+            meta[2 * rows + i] = cache.capacity() as u32;
             ptrs.extend_from_slice(addresses);
             longest = longest.max(cache.len() + 1);
         }
@@ -303,10 +303,10 @@ impl DecodeStep {
         let n_layer = w.layers.len() as u32;
         let rows = b.rows as u32;
         let meta = dptr(&b.meta, s);
-        let (ids, pos, seq, caps) = (meta, meta + 4 * rows as u64, meta + 8 * rows as u64, meta + 12 * rows as u64);
+        let (ids, pos, caps) = (meta, meta + 4 * rows as u64, meta + 8 * rows as u64);
         let ptrs = dptr(&b.ptrs, s);
         let (x, qkv, att, fc) = (dptr(&b.x, s), dptr(&b.qkv, s), dptr(&b.att, s), dptr(&b.fc, s));
-        let (part, logits) = (dptr(&b.part, s), dptr(&b.logits, s));
+        let (part, counters, logits) = (dptr(&b.part, s), dptr(&b.counters, s), dptr(&b.logits, s));
         let eps = w.eps;
         // A product over the bucket's rows; `ln` (gamma, beta): its input is the residual stream,
         // layer-normalized as the kernel reads it.
@@ -333,28 +333,14 @@ impl DecodeStep {
         for (i, lw) in w.layers.iter().enumerate() {
             let layer = i as u32;
             gemv(qkv_e, x, lw.attn_w, lw.attn_b, qkv, c, 3 * c, lw.ln_1, layer)?;
-            let threads = 32 * super::WARPS;
-            if split {
-                let cfg = LaunchConfig { grid_dim: (rows, nh, b.n_split), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-                let mut l = s.launch_builder(&self.f.attend_split);
-                l.arg(&qkv).arg(&rows).arg(&c).arg(&hs).arg(&lw.scale).arg(&ptrs).arg(&n_layer).arg(&layer);
-                l.arg(&seq).arg(&pos).arg(&caps).arg(&part).arg(&b.n_split);
-                // SAFETY: reads qkv and each row's cache up to its position; writes part, sized
-                // for (rows, n_head, n_split).
-                unsafe { l.launch(cfg) }.w()?;
-                let cfg = LaunchConfig { grid_dim: (rows, nh, 1), block_dim: (hs.div_ceil(32) * 32, 1, 1), shared_mem_bytes: 0 };
-                let mut l = s.launch_builder(&self.f.combine);
-                l.arg(&att).arg(&rows).arg(&c).arg(&hs).arg(&part).arg(&b.n_split);
-                // SAFETY: reads part, writes att (rows, c).
-                unsafe { l.launch(cfg) }.w()?;
-            } else {
-                let cfg = LaunchConfig { grid_dim: (rows, nh, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-                let mut l = s.launch_builder(&self.f.attend);
-                l.arg(&qkv).arg(&att).arg(&rows).arg(&c).arg(&hs).arg(&lw.scale).arg(&ptrs).arg(&n_layer).arg(&layer);
-                l.arg(&seq).arg(&pos).arg(&caps);
-                // SAFETY: reads qkv and each row's cache up to its position; writes att (rows, c).
-                unsafe { l.launch(cfg) }.w()?;
-            }
+            let n_split = if split { b.n_split } else { 1 };
+            let cfg = LaunchConfig { grid_dim: (rows, nh, n_split), block_dim: (DEC_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let mut l = s.launch_builder(&self.f.attend);
+            l.arg(&qkv).arg(&att).arg(&c).arg(&hs).arg(&lw.scale).arg(&ptrs).arg(&n_layer).arg(&layer);
+            l.arg(&pos).arg(&caps).arg(&part).arg(&counters).arg(&n_split);
+            // SAFETY: reads qkv and each row's cache up to its position; writes att (rows, c)
+            // and, split, part (sized for (rows, n_head, n_split)) and the (rows, n_head) counters.
+            unsafe { l.launch(cfg) }.w()?;
             gemv(resid_e, att, lw.proj_w, lw.proj_b, x, c, c, none, layer)?;
             gemv(gelu_e, x, lw.fc_w, lw.fc_b, fc, c, inner, lw.ln_2, layer)?;
             gemv(resid_e, fc, lw.mlp_w, lw.mlp_b, x, inner, c, none, layer)?;
