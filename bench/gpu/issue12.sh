@@ -21,7 +21,7 @@
 # The two payloads are split because a call carries 64 MiB with the repository (28 MB): the
 # test binaries (16 MB) and Node with the addon (about 30 MB) do not fit together. Made by
 #   KVGPT_GPU_TESTS="parity batch" KVGPT_STAGE_CPU_ADDON=0 bash bench/gpu/stage.sh
-#   mv .gpu/tests .gpu-tests   # and .gpu-llama/llama-src.tar.xz as llama.sh says
+#   mv .gpu/tests .gpu-tests && bash bench/gpu/llama.sh source   # .gpu-llama/llama-src.tar.xz
 set -uo pipefail
 ROOT="$(pwd)"
 OUT="${OUT:-$ROOT/gpu-out}"

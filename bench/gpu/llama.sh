@@ -3,7 +3,8 @@
 # run from the repository root. The source travels as .gpu-llama/llama-src.tar.xz (git-ignored,
 # so the call carries it: carry [".gpu-llama"]): llama.cpp as node-llama-cpp@3.21.1 bundles it
 # (llama/gitRelease.bundle, 0.4.0-dev), stripped to what builds llama-bench and runs
-# convert_hf_to_gguf.py (about 2.6 MB).
+# convert_hf_to_gguf.py (about 2.6 MB), made here by `bash bench/gpu/llama.sh source`.
+#   bash bench/gpu/llama.sh source          (here, with npm and git) makes .gpu-llama/llama-src.tar.xz
 #   bash bench/gpu/llama.sh build           builds llama-bench in /tmp/llama.cpp (CUDA, sm_90,
 #                                           LLAMA_JOBS jobs, default 16;
 #                                           ninja resumes if a call was cut short: run it again),
@@ -24,6 +25,28 @@ CKPT=/tmp/gpt2-small-random
 PY="${PYTHON:-python3}"
 TYPES="f32 f16 q8_0"
 die() { echo "llama.sh: $*" >&2; exit 1; }
+
+# The tarball: llama.cpp's top-level CMake, its libraries (src, common, include, vendor, app),
+# ggml with its CPU and CUDA backends only (the others are added only when their GGML_* option
+# is on), the tools tools/CMakeLists.txt adds with the server off (their test media left out),
+# and the converter with gguf-py.
+make_source() {
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent node-llama-cpp@3.21.1 >/dev/null && tar -xzf node-llama-cpp-3.21.1.tgz package/llama/gitRelease.bundle) ||
+    die "npm pack node-llama-cpp@3.21.1 failed"
+  git -c advice.detachedHead=false clone -q "$tmp/package/llama/gitRelease.bundle" "$tmp/src" || die "cloning the bundle failed"
+  mkdir -p "$ROOT/.gpu-llama"
+  (cd "$tmp/src" && tar -cJf "$ROOT/.gpu-llama/llama-src.tar.xz" --exclude='tools/mtmd/test*' \
+    CMakeLists.txt LICENSE licenses cmake include src common vendor app convert_hf_to_gguf.py conversion \
+    gguf-py/gguf gguf-py/pyproject.toml gguf-py/LICENSE gguf-py/README.md \
+    ggml/CMakeLists.txt ggml/cmake ggml/include $(cd "$tmp/src" && find ggml/src -maxdepth 1 -type f) ggml/src/ggml-cpu ggml/src/ggml-cuda \
+    tools/CMakeLists.txt tools/batched-bench tools/gguf-split tools/imatrix tools/llama-bench tools/completion tools/perplexity \
+    tools/quantize tools/tokenize tools/tts tools/mtmd tools/cvector-generator tools/export-lora tools/fit-params tools/results) ||
+    die "tar failed"
+  rm -rf "$tmp"
+  ls -l "$ROOT/.gpu-llama/llama-src.tar.xz"
+}
 
 build() {
   if [ -x "$BIN" ]; then echo "llama-bench already built: $BIN"; return 0; fi
@@ -112,8 +135,9 @@ EOF
 }
 
 case "${1:-}" in
+  source) make_source ;;
   build) build && model ;;
   model) model ;;
   bench) bench "${2:-}" ;;
-  *) die "usage: llama.sh build | model | bench OUT.json" ;;
+  *) die "usage: llama.sh source | build | model | bench OUT.json" ;;
 esac
