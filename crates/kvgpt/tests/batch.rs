@@ -494,7 +494,7 @@ fn compare_decode_paths(model: &Model, lengths: &[usize], steps: usize, tol: f32
         assert!(kernels <= tol * big, "{what}, {rows} rows, step {step}: the kernels' logits are {kernels} off candle's (largest {big})");
         assert_eq!(out[1], out[2], "{what}, {rows} rows, step {step}: the graph's logits differ from the same kernels launched one by one");
         let vocab = out[0].len() / rows;
-        next = out[0].chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32).collect();
+        next = out[0].chunks(vocab).map(kvgpt::engine::sampling::argmax).collect();
     }
     assert!(gpt2.set_cuda_step_mode(StepMode::Graph));
     let med = |t: &mut Vec<f64>| {

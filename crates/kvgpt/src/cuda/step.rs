@@ -27,10 +27,9 @@ use std::sync::Arc;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "kvgpt_decode";
-/// Row counts of the buckets (the gemv kernels' NR).
+/// Row counts of the buckets (the gemv kernels' NR); a step of more rows than the last takes
+/// candle's path.
 const BUCKETS: [usize; 4] = [1, 2, 4, 8];
-/// The largest step this path runs; larger ones take candle's.
-pub const MAX_ROWS: usize = 8;
 /// From this many keys (the longest row's position + 1) a step takes the graph that splits the
 /// keys of each (row, head) over blocks.
 const SPLIT_FROM: usize = 64;
