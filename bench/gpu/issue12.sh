@@ -17,6 +17,9 @@
 #   bash bench/gpu/issue12.sh profile carry [".gpu"]: Nsight Compute's duration of every kernel
 #       of 12-token f16 generations through the graph from prompts of 8 and 600 tokens
 #       (ncu-graph-f16-ctx*.csv; docs/bench/issue12/ncu-summary.txt is one replayed step of each).
+#   bash bench/gpu/issue12.sh steps   carry [".gpu-tests"]: the decode-step tests alone (every
+#       path's step time on GPT-2 small), then Nsight Compute's duration of every kernel of one
+#       replayed step at contexts 8 and 1000, from the test binary (ncu-step-ctx*.csv).
 #
 # The two payloads are split because a call carries 64 MiB with the repository (28 MB): the
 # test binaries (16 MB) and Node with the addon (about 30 MB) do not fit together. Made by
@@ -87,9 +90,38 @@ profile() {
   done
 }
 
+steps() {
+  exec > >(tee "$OUT/steps.log") 2>&1
+  for f in .gpu-tests/*.xz; do xz -dkf "$f"; chmod +x "${f%.xz}"; done
+  local t=".gpu-tests/batch" env="KVGPT_TEST_DEVICE=cuda KVGPT_FIXTURES=$ROOT/test/fixtures"
+  env $env timeout 200 $t cuda_decode_step --test-threads 1 --nocapture 2>&1 | grep -v -E '^ +[0-9]+: |^ +at '
+  # cuda_decode_step_gpt2_small's kernels before its third step's graph at contexts 8 and 1000
+  # (its doc comment: 315 in a context's first step, 189 in each next, 20 steps a context; the
+  # graph splitting the keys is captured at 600 already, so 1000's first step runs 189).
+  for cs in 8:504 1000:8190; do
+    env $env timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      -k 'regex:^(gemv_|attend_decode|embed_|argmax_ids)' --launch-skip "${cs#*:}" --launch-count 63 \
+      --log-file "$OUT/ncu-step-ctx${cs%:*}.csv" $t cuda_decode_step_gpt2_small --test-threads 1 > /dev/null 2>&1
+    python3 - "$OUT/ncu-step-ctx${cs%:*}.csv" "${cs%:*}" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10 and r[-3] == "gpu__time_duration.sum"]
+head = next(r for r in csv.reader(open(sys.argv[1])) if "Kernel Name" in r)
+k = head.index("Kernel Name")
+tot = collections.defaultdict(list)
+for r in rows:
+    v = float(r[-1].replace(",", "")); unit = r[-2]
+    tot[r[k].split("(")[0]].append(v / 1000 if unit in ("ns", "nsecond") else v)
+print(f"context {sys.argv[2]}: {sum(len(v) for v in tot.values())} kernels, {sum(sum(v) for v in tot.values()):.1f} us")
+for name, v in sorted(tot.items(), key=lambda kv: -sum(kv[1])):
+    print(f"  {name:28s} {len(v):3d} x {sum(v)/len(v):7.2f} us (min {min(v):.2f}, max {max(v):.2f}) = {sum(v):7.1f} us")
+PY
+  done
+}
+
 case "${1:-}" in
   check) check ;;
   bench) bench ;;
   profile) profile ;;
-  *) echo "usage: issue12.sh check | bench | profile" >&2; exit 2 ;;
+  steps) steps ;;
+  *) echo "usage: issue12.sh check | bench | profile | steps" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 // Issue 12 on a GPU: kvgpt's decode step per token, batch 1, at contexts 16/256/512/1000, in
 // f32/f16/bf16/q8_0, through each decode path (KVGPT_CUDA_STEP, read at load): `graph` (kvgpt's
-// kernels replayed as a CUDA graph, the default), `kernels` (the same kernels launched one by
+// kernels replayed as a CUDA graph, the default), `graph-nopdl` (the same graph without
+// programmatic dependent launch, KVGPT_CUDA_PDL=0), `kernels` (the same kernels launched one by
 // one) and `candle` (candle's ops); q8_0 has candle's path only. Then small batches (2, 4, 8
 // sequences at once, greedy) through the graph and candle's path. The model is
 // KVGPT_BENCH_MODEL (an HF checkpoint directory: bench/gpu/llama.sh makes the one HF and
@@ -8,7 +9,7 @@
 // object to argv[2].
 //
 //   KVGPT_CUDA_BINARY=kvgpt.linux-x64-gnu.cuda.node node bench/gpu/step.js out.json
-// Env: KVGPT_BENCH_DTYPES (f32,f16,bf16,q8_0), KVGPT_BENCH_MODES (graph,kernels,candle),
+// Env: KVGPT_BENCH_DTYPES (f32,f16,bf16,q8_0), KVGPT_BENCH_MODES (graph,graph-nopdl,kernels,candle),
 // KVGPT_STEP_ONLY=launches with KVGPT_LAUNCH_TOKENS=n (one n-token run in the first mode, f16,
 // from a prompt of KVGPT_LAUNCH_CONTEXT tokens, default 8: for counting and timing kernels
 // under ncu).
@@ -21,14 +22,16 @@ const out = process.argv[2] ?? 'kvgpt-step-gpu.json';
 const device = process.env.KVGPT_BENCH_DEVICE ?? 'cuda';
 const modelDir = process.env.KVGPT_BENCH_MODEL;
 const dtypes = (process.env.KVGPT_BENCH_DTYPES ?? 'f32,f16,bf16,q8_0').split(',');
-const modes = (process.env.KVGPT_BENCH_MODES ?? 'graph,kernels,candle').split(',');
+const modes = (process.env.KVGPT_BENCH_MODES ?? 'graph,graph-nopdl,kernels,candle').split(',');
 const contexts = [16, 256, 512, 1000];
 const STEPS = 21; // 20 decode steps a run (1000 + 21 fits in 1024 positions)
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 const ids = (n, salt = 0) => Array.from({ length: n }, (_, i) => (i * 4099 + salt * 7919 + 13) % 50257);
 
 async function load(dtype, mode) {
-  process.env.KVGPT_CUDA_STEP = mode;
+  process.env.KVGPT_CUDA_STEP = mode === 'graph-nopdl' ? 'graph' : mode;
+  if (mode === 'graph-nopdl') process.env.KVGPT_CUDA_PDL = '0';
+  else delete process.env.KVGPT_CUDA_PDL;
   const opts = { device, dtype, maxSequences: 8 };
   return modelDir ? Gpt2.load(modelDir, opts) : Gpt2.random({}, { seed: 0, ...opts });
 }
@@ -79,7 +82,7 @@ async function batch(model, c) {
         result.decode.push(row);
         console.log(`kvgpt ${dtype} ${mode} ctx ${ctx}: ${row.perTokenMs.toFixed(3)} ms a token (step ${row.stepMs.toFixed(3)} ms)`);
       }
-      if (dtype === 'f16' && mode !== 'kernels') {
+      if (dtype === 'f16' && (mode === 'graph' || mode === 'candle')) {
         for (const c of [1, 2, 4, 8]) {
           const b = await batch(model, c);
           result.batch.push({ dtype, mode, concurrency: c, tokensPerSecond: b.tokensPerSecond, tokenMsP50: b.tokenMsP50 });

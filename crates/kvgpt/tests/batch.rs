@@ -428,9 +428,9 @@ fn engine_limits_are_checked_and_defaults_bend_to_given_ones() {
 /// largest logit; f16 and bf16 within their rounding, which candle applies after every op and
 /// kvgpt's fused kernels once a product), for steps of 1, 3 (a bucket of 4 with a spare row) and
 /// 8 rows, at contexts below and above the split attention's threshold; the graph and the plain
-/// launches agree bit for bit. Then GPT-2 small's shapes (random weights, f16) at contexts 8
-/// and 600, with each path's step time printed. Runs with KVGPT_TEST_DEVICE=cuda on a build
-/// with `--features cuda`.
+/// launches agree bit for bit, with programmatic dependent launch (where the build has it) and
+/// without, and the greedy ids the step takes on the device are its logits' argmax. Runs with
+/// KVGPT_TEST_DEVICE=cuda on a build with `--features cuda`.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_decode_step_equals_candles_ops() {
@@ -440,16 +440,27 @@ fn cuda_decode_step_equals_candles_ops() {
             compare_decode_paths(&model, &[1, 5, 58, 100, 3, 17, 60, 9][..rows], 12, tol, &format!("tiny-gpt2 {dtype:?}"));
         }
     }
+}
+
+/// The same on GPT-2 small's shapes (random weights, f16) at contexts 8, 600 and 1000 and 8 rows
+/// of mixed contexts, with each path's step time printed. Per context, 189 of the step's kernels
+/// run a step (63 each for the graph, the plain kernels and the graph without programmatic
+/// dependent launch), 126 more in the first (each graph's eager run before its capture):
+/// `bench/gpu/issue12.sh` profiles one step from that count.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_decode_step_gpt2_small() {
     let opts = kvgpt::LoadOptions { device: test_device(), dtype: WeightDType::F16, hub: None };
     let small = Model::random(kvgpt::Gpt2Config::gpt2_small(), 0, &opts).unwrap();
-    for lengths in [&[8usize][..], &[600], &[8, 600, 30, 200, 1, 64, 500, 12]] {
+    for lengths in [&[8usize][..], &[600], &[1000], &[8, 600, 30, 200, 1, 64, 500, 12]] {
         compare_decode_paths(&small, lengths, 20, 1e-2, "GPT-2 small f16");
     }
 }
 
 /// Prefills one set of caches per decode path (candle's ops: a prompt is many rows), then runs
 /// `steps` one-token steps of every prompt at once through candle's ops, the graph and the plain
-/// kernels, feeding all three candle's greedy ids, and compares their logits.
+/// kernels (with programmatic dependent launch where the build has it), and the graph without
+/// it, feeding all four candle's greedy ids, and compares their logits and greedy ids.
 #[cfg(feature = "cuda")]
 fn compare_decode_paths(model: &Model, lengths: &[usize], steps: usize, tol: f32, what: &str) {
     use kvgpt::cuda::step::StepMode;
@@ -459,7 +470,9 @@ fn compare_decode_paths(model: &Model, lengths: &[usize], steps: usize, tol: f32
     let rows = lengths.len();
     let cap = model.config().n_positions;
     let prompts: Vec<Vec<u32>> = lengths.iter().enumerate().map(|(i, &n)| prompt_of(n, i as u32)).collect();
-    let modes = [StepMode::Candle, StepMode::Graph, StepMode::Kernels];
+    // (path, programmatic dependent launch)
+    let modes = [(StepMode::Candle, true), (StepMode::Graph, true), (StepMode::Kernels, true), (StepMode::Graph, false)];
+    let pdl = gpt2.set_cuda_pdl(true).unwrap();
     let mut caches: Vec<Vec<KvCache>> =
         modes.iter().map(|_| prompts.iter().map(|_| KvCache::new(model.config(), cap, gpt2.cache_dtype(), gpt2.device()).unwrap()).collect()).collect();
     let mut next: Vec<u32> = Vec::new();
@@ -474,15 +487,25 @@ fn compare_decode_paths(model: &Model, lengths: &[usize], steps: usize, tol: f32
     let mut times = vec![Vec::new(); modes.len()];
     for step in 0..steps {
         let mut out: Vec<Vec<f32>> = Vec::new();
-        for ((set, &mode), time) in caches.iter_mut().zip(&modes).zip(times.iter_mut()) {
+        for ((set, &(mode, on)), time) in caches.iter_mut().zip(&modes).zip(times.iter_mut()) {
             assert!(gpt2.set_cuda_step_mode(mode));
+            gpt2.set_cuda_pdl(on);
             let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
             let segs: Vec<Segment> = set.iter().zip(&ids).map(|(c, id)| Segment { ids: id, cache: c, logits: Logits::Last }).collect();
             let t0 = std::time::Instant::now();
             let step_logits = gpt2.forward_batch(&segs).unwrap();
-            out.push(step_logits.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let logits = step_logits.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             time.push(t0.elapsed().as_secs_f64() * 1e3);
             assert_eq!(step_logits.rows, (0..rows).map(|i| i..i + 1).collect::<Vec<_>>());
+            match (mode, step_logits.greedy) {
+                (StepMode::Candle, greedy) => assert!(greedy.is_none(), "{what}: candle's path takes no greedy ids"),
+                (_, greedy) => {
+                    let greedy = greedy.expect("kvgpt's step takes the greedy ids").to_vec1::<u32>().unwrap();
+                    let argmax: Vec<u32> = logits.chunks(logits.len() / rows).map(kvgpt::engine::sampling::argmax).collect();
+                    assert_eq!(greedy, argmax, "{what}, {rows} rows, step {step}, {mode:?}: the device's greedy ids are not its logits' argmax");
+                }
+            }
+            out.push(logits);
             for c in set.iter_mut() {
                 c.advance(1);
             }
@@ -493,14 +516,19 @@ fn compare_decode_paths(model: &Model, lengths: &[usize], steps: usize, tol: f32
         assert!(graph <= tol * big, "{what}, {rows} rows, step {step}: the graph's logits are {graph} off candle's (largest {big})");
         assert!(kernels <= tol * big, "{what}, {rows} rows, step {step}: the kernels' logits are {kernels} off candle's (largest {big})");
         assert_eq!(out[1], out[2], "{what}, {rows} rows, step {step}: the graph's logits differ from the same kernels launched one by one");
+        assert_eq!(out[1], out[3], "{what}, {rows} rows, step {step}: the graph's logits differ with programmatic dependent launch ({pdl}) and without");
         let vocab = out[0].len() / rows;
         next = out[0].chunks(vocab).map(kvgpt::engine::sampling::argmax).collect();
     }
     assert!(gpt2.set_cuda_step_mode(StepMode::Graph));
+    gpt2.set_cuda_pdl(true);
     let med = |t: &mut Vec<f64>| {
         t.sort_by(f64::total_cmp);
         t[t.len() / 2]
     };
     let ms: Vec<f64> = times.iter_mut().map(med).collect();
-    println!("{what}, {rows} rows at contexts {lengths:?}: a step (with the logits' copy to the host) candle {:.3} ms, graph {:.3}, kernels {:.3}", ms[0], ms[1], ms[2]);
+    println!(
+        "{what}, {rows} rows at contexts {lengths:?}: a step (with the logits' copy to the host) candle {:.3} ms, graph {:.3}, kernels {:.3}, graph without programmatic dependent launch {:.3} (with it: {pdl})",
+        ms[0], ms[1], ms[2], ms[3]
+    );
 }

@@ -1,9 +1,17 @@
 //! The decode step on CUDA in kvgpt's own kernels (decode.cu), over buffers of its
 //! own, captured as a CUDA graph and replayed. Candle's path spends 8-12 us of host work on each
 //! of a step's ~220 launches (bench/gpu/NOTES.md), so a GPT-2 small step took about 2 ms for
-//! 0.06 ms of memory traffic; here a step of up to 8 one-token rows is 5 kernels a layer and 2
-//! more, 62 for GPT-2 small, all replayed from one graph: the host copies the rows' ids,
-//! positions and cache addresses into device buffers and launches the graph.
+//! 0.06 ms of memory traffic; here a step of up to 8 one-token rows is 5 kernels a layer and 3
+//! more, 63 for GPT-2 small, all replayed from one graph: the host copies the rows' ids,
+//! positions and cache addresses into device buffers and launches the graph. The step also
+//! takes each row's greedy id on the device (fused into the lm_head's product), so a greedy
+//! step copies 4 bytes a row to the host and runs no argmax of candle's.
+//!
+//! Built for compute capability 9.0 or later, each kernel is launched with programmatic
+//! dependent launch: it starts while the one before it finishes, loads its weights (and the
+//! attention its cache's earlier keys) and only then waits for that kernel's results, so the
+//! gap between kernels and the weights' first loads overlap the previous kernel
+//! (`KVGPT_CUDA_PDL=0` turns it off).
 //!
 //! A graph freezes its kernels' arguments, so everything a step reads or writes sits at fixed
 //! addresses: activations in per-bucket buffers (a step of R rows runs in the bucket of 1, 2, 4
@@ -19,10 +27,10 @@ use super::address;
 use crate::error::{Error, Result};
 use crate::model::gpt2::Segment;
 use crate::model::kv_cache::KvCache;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, DType, Storage, Tensor};
+use candle_core::{CudaDevice, DType, Shape, Storage, Tensor};
 use std::sync::Arc;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -33,10 +41,14 @@ const BUCKETS: [usize; 4] = [1, 2, 4, 8];
 /// From this many keys (the longest row's position + 1) a step takes the graph that splits the
 /// keys of each (row, head) over blocks.
 const SPLIT_FROM: usize = 64;
-/// Blocks the split attention aims for: two per multiprocessor of an H100/H200.
-const SPLIT_BLOCKS: usize = 264;
+/// Blocks the split attention aims for, a multiprocessor.
+const SPLIT_BLOCKS_PER_SM: usize = 2;
+/// The most blocks a (row, head)'s keys split over.
+const MAX_SPLIT: usize = 64;
 /// Warps a block of the products (GEMV_WARPS in decode.cu).
-const GEMV_WARPS: u32 = 4;
+const GEMV_WARPS: u32 = 8;
+/// 16-byte chunks of a weight row a lane of the products holds at once (GEMV_CH in decode.cu).
+const GEMV_CH: u32 = 4;
 /// Threads a block of the attention (DEC_THREADS in decode.cu).
 const DEC_THREADS: u32 = 128;
 
@@ -103,9 +115,11 @@ pub fn weight_address(t: &Tensor, what: &str) -> Result<u64> {
 
 struct Funcs {
     embed: CudaFunction,
-    /// [epilogue: qkv, resid, gelu, logits][bucket]
-    gemv: Vec<Vec<CudaFunction>>,
+    /// [epilogue: qkv, resid, gelu, logits][bucket], with the most blocks of it the GPU holds
+    /// at once (a product's grid is at most that: its blocks loop over the columns)
+    gemv: Vec<Vec<(CudaFunction, u32)>>,
     attend: CudaFunction,
+    argmax: CudaFunction,
 }
 
 struct Bucket {
@@ -124,8 +138,12 @@ struct Bucket {
     counters: CudaSlice<u32>,
     n_split: u32,
     logits: CudaSlice<f32>,
-    /// [whole, split]
-    graphs: [Option<CudaGraph>; 2],
+    /// each row's argmax key of its logits (decode.cu's argmax_key), zero between steps
+    keys: CudaSlice<u64>,
+    /// each row's greedy id
+    ids: CudaSlice<u32>,
+    /// [without, with programmatic dependent launch][whole, split]
+    graphs: [[Option<CudaGraph>; 2]; 2],
 }
 
 pub struct DecodeStep {
@@ -140,6 +158,54 @@ pub struct DecodeStep {
     spare: KvCache,
     /// A capture failed once: steps run the same kernels without a graph.
     no_graph: bool,
+    /// Launch with programmatic dependent launch (`pdl_allowed`).
+    pdl: bool,
+    /// The GPU's multiprocessors.
+    sms: u32,
+}
+
+/// Whether the step's kernels may be launched with programmatic dependent launch: built for
+/// compute capability 9.0 or later (else decode.cu's kernels hold no `griddepcontrol` and must
+/// not overlap) and `KVGPT_CUDA_PDL` is not `0`.
+pub fn pdl_allowed() -> bool {
+    let cap: u32 = super::BUILD_COMPUTE_CAP.parse().unwrap_or(0);
+    cap >= 90 && std::env::var("KVGPT_CUDA_PDL").as_deref() != Ok("0")
+}
+
+/// A kernel's arguments, each in an 8-byte slot (a u32 or f32 in its low bytes, as the driver
+/// reads it on a little-endian host).
+#[derive(Default)]
+struct Args(Vec<u64>);
+
+impl Args {
+    fn ptr(mut self, v: u64) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.push(v as u64);
+        self
+    }
+    fn f32(self, v: f32) -> Self {
+        self.u32(v.to_bits())
+    }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the CUDA decode step passes kernel arguments as little-endian 8-byte slots");
+
+/// The products' split: warps a column (1, 2, 4 or 8) such that a lane holds at most GEMV_CH
+/// chunks of W's row, and more while the product has fewer than `min_blocks` blocks and each
+/// warp keeps a chunk a lane.
+fn gemv_split(k4: u32, n: u32, min_blocks: u32) -> u32 {
+    let mut split = 1;
+    while split < GEMV_WARPS && k4.div_ceil(split) > 32 * GEMV_CH {
+        split *= 2;
+    }
+    while split < GEMV_WARPS && n.div_ceil(GEMV_WARPS / split) < min_blocks && k4.div_ceil(2 * split) >= 32 {
+        split *= 2;
+    }
+    split
 }
 
 // SAFETY: CudaGraph holds raw driver handles and is not Sync; the step is only ever used through
@@ -171,17 +237,24 @@ impl DecodeStep {
         let func = |module: &str, ptx: &'static str, fname: String| -> Result<CudaFunction> {
             Ok(dev.get_or_load_custom_func(&fname, module, ptx)?.into_cuda_function())
         };
+        let stream = dev.cuda_stream();
+        let sms = stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as u32;
+        let resident = |f: CudaFunction| -> Result<(CudaFunction, u32)> {
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(32 * GEMV_WARPS, 0, None).w()?;
+            Ok((f, sms * per_sm.max(1)))
+        };
         let gemv = ["qkv", "resid", "gelu", "logits"]
             .iter()
-            .map(|epi| BUCKETS.iter().map(|nr| func(MODULE, PTX, format!("gemv_{epi}_{nr}_{name}"))).collect::<Result<Vec<_>>>())
+            .map(|epi| BUCKETS.iter().map(|nr| resident(func(MODULE, PTX, format!("gemv_{epi}_{nr}_{name}"))?)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
         let f = Funcs {
             embed: func(MODULE, PTX, format!("embed_{name}"))?,
             gemv,
             attend: func(MODULE, PTX, format!("attend_decode_{name}"))?,
+            argmax: func(MODULE, PTX, "argmax_ids_u32".into())?,
         };
-        let stream = dev.cuda_stream();
-        Ok(Some(Self { mode, dev: dev.clone(), stream, w, elem, f, buckets: BUCKETS.iter().map(|_| None).collect(), spare, no_graph: false }))
+        let buckets = BUCKETS.iter().map(|_| None).collect();
+        Ok(Some(Self { mode, dev: dev.clone(), stream, w, elem, f, buckets, spare, no_graph: false, pdl: pdl_allowed(), sms }))
     }
 
     pub fn mode(&self) -> StepMode {
@@ -192,13 +265,24 @@ impl DecodeStep {
         self.mode = mode;
     }
 
+    /// Whether the kernels launch with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    /// Turns programmatic dependent launch off, or back on where `pdl_allowed` (tests compare
+    /// the two; each keeps its own graphs).
+    pub fn set_pdl(&mut self, on: bool) {
+        self.pdl = on && pdl_allowed();
+    }
+
     fn bucket(&self, rows: usize) -> Result<Bucket> {
         let s = &self.stream;
         let w = &self.w;
         let (c, e) = (w.n_embd, self.elem);
         let n_layer = w.layers.len();
         let hs = c / w.n_head;
-        let n_split = (SPLIT_BLOCKS / (rows * w.n_head)).clamp(1, 16);
+        let n_split = (SPLIT_BLOCKS_PER_SM * self.sms as usize / (rows * w.n_head)).clamp(1, MAX_SPLIT);
         let bytes = |n: usize| s.alloc_zeros::<u8>(rows * n * e).w();
         Ok(Bucket {
             rows,
@@ -212,14 +296,17 @@ impl DecodeStep {
             counters: s.alloc_zeros::<u32>(rows * w.n_head).w()?,
             n_split: n_split as u32,
             logits: s.alloc_zeros::<f32>(rows * w.vocab).w()?,
-            graphs: [None, None],
+            keys: s.alloc_zeros::<u64>(rows).w()?,
+            ids: s.alloc_zeros::<u32>(rows).w()?,
+            graphs: [[None, None], [None, None]],
         })
     }
 
     /// Runs a step of one-token segments (each `Logits::Last`) and returns their logits (R,
-    /// vocab) in f32, in the segments' order; None when the step has more rows than this path
-    /// takes or the mode is Candle (candle's path runs it).
-    pub fn run(&mut self, segs: &[Segment<'_>]) -> Result<Option<Tensor>> {
+    /// vocab) in f32 and their greedy ids (R,) in u32 (the first largest logit), in the
+    /// segments' order; None when the step has more rows than this path takes or the mode is
+    /// Candle (candle's path runs it).
+    pub fn run(&mut self, segs: &[Segment<'_>]) -> Result<Option<(Tensor, Tensor)>> {
         let r = segs.len();
         if self.mode == StepMode::Candle {
             return Ok(None);
@@ -255,18 +342,19 @@ impl DecodeStep {
             self.stream.memcpy_htod(&ptrs, &mut b.ptrs).w()?;
         }
         if self.mode == StepMode::Graph && !self.no_graph {
-            if self.buckets[bi].as_ref().expect("made above").graphs[split as usize].is_none() {
+            let (p, sp) = (self.pdl as usize, split as usize);
+            if self.buckets[bi].as_ref().expect("made above").graphs[p][sp].is_none() {
                 // Once eagerly (loads the kernels; this step's results), then captured.
                 self.enqueue(bi, split)?;
                 match self.capture(bi, split) {
-                    Ok(g) => self.buckets[bi].as_mut().expect("made above").graphs[split as usize] = Some(g),
+                    Ok(g) => self.buckets[bi].as_mut().expect("made above").graphs[p][sp] = Some(g),
                     Err(e) => {
                         eprintln!("kvgpt: capturing the CUDA decode step as a graph failed ({e}); steps run the same kernels without a graph");
                         self.no_graph = true;
                     }
                 }
             }
-            if let Some(g) = &self.buckets[bi].as_ref().expect("made above").graphs[split as usize] {
+            if let Some(g) = &self.buckets[bi].as_ref().expect("made above").graphs[p][sp] {
                 g.launch().w()?;
             }
         } else {
@@ -277,8 +365,13 @@ impl DecodeStep {
         // SAFETY: every element is written by the copy below.
         let mut out = unsafe { self.stream.alloc::<f32>(r * v) }.w()?;
         self.stream.memcpy_dtod(&b.logits.slice(0..r * v), &mut out).w()?;
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.dev.clone()));
-        Ok(Some(Tensor::from_storage(storage, (r, v), BackpropOp::none(), false)))
+        // SAFETY: as above.
+        let mut ids = unsafe { self.stream.alloc::<u32>(r) }.w()?;
+        self.stream.memcpy_dtod(&b.ids.slice(0..r), &mut ids).w()?;
+        let tensor = |storage, shape: Shape| Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
+        let logits = tensor(CudaStorage::wrap_cuda_slice(out, self.dev.clone()), (r, v).into());
+        let ids = tensor(CudaStorage::wrap_cuda_slice(ids, self.dev.clone()), r.into());
+        Ok(Some((logits, ids)))
     }
 
     fn capture(&mut self, bi: usize, split: bool) -> Result<CudaGraph> {
@@ -290,6 +383,37 @@ impl DecodeStep {
         let graph = graph.w()?.ok_or_else(|| Error::Device("the CUDA graph capture recorded nothing".into()))?;
         graph.upload().w()?;
         Ok(graph)
+    }
+
+    /// Launches `f` on the model's stream, after the kernel before it or, with `pdl` (and the
+    /// step's `pdl`), as soon as that one's blocks all run (decode.cu's `pdl_wait` orders what
+    /// matters).
+    fn launch(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: Args, pdl: bool) -> Result<()> {
+        let mut params: Vec<*mut std::ffi::c_void> = args.0.iter().map(|v| v as *const u64 as *mut std::ffi::c_void).collect();
+        // SAFETY: a zeroed attribute is a valid C struct; its id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = pdl && self.pdl;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        self.stream.context().bind_to_thread().w()?;
+        // SAFETY: `params` holds one slot per kernel parameter, of the kernel's types (the
+        // callers below follow decode.cu's signatures), alive for the call; the buffers behind
+        // the addresses are the bucket's, the weights' and the caches', sized as each kernel
+        // reads and writes them (see `enqueue`).
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().w()?;
+        Ok(())
     }
 
     /// Every launch of a step over bucket `bi`'s buffers, in order, on the model's stream.
@@ -306,44 +430,42 @@ impl DecodeStep {
         let ptrs = dptr(&b.ptrs, s);
         let (x, qkv, att, fc) = (dptr(&b.x, s), dptr(&b.qkv, s), dptr(&b.att, s), dptr(&b.fc, s));
         let (part, counters, logits) = (dptr(&b.part, s), dptr(&b.counters, s), dptr(&b.logits, s));
-        let eps = w.eps;
+        let (keys, greedy) = (dptr(&b.keys, s), dptr(&b.ids, s));
+        let vec = (16 / self.elem) as u32;
         // A product over the bucket's rows; `ln` (gamma, beta): its input is the residual stream,
-        // layer-normalized as the kernel reads it.
+        // layer-normalized as the kernel reads it. x is (rows, k) and W (n, k) with k a whole
+        // number of 16-byte vectors (as gamma and beta, k long), y (rows, n); the QKV epilogue
+        // writes each row's position, below its capacity; the logits' writes keys (rows).
         let gemv = |epi: usize, xin: u64, wt: u64, bias: u64, y: u64, k: u32, n: u32, ln: [u64; 2], layer: u32| -> Result<()> {
-            let cfg = LaunchConfig { grid_dim: (n.div_ceil(GEMV_WARPS), 1, 1), block_dim: (32 * GEMV_WARPS, 1, 1), shared_mem_bytes: 0 };
-            let mut l = s.launch_builder(&self.f.gemv[epi][bi]);
-            l.arg(&xin).arg(&wt).arg(&bias).arg(&y).arg(&k).arg(&n).arg(&ln[0]).arg(&ln[1]).arg(&eps);
-            l.arg(&ptrs).arg(&n_layer).arg(&layer).arg(&pos).arg(&caps).arg(&hs);
-            // SAFETY: x is (rows, k) and W (n, k) with k a whole number of 16-byte vectors (as
-            // gamma and beta, k long), y (rows, n); the QKV epilogue writes each row's position,
-            // below its capacity.
-            unsafe { l.launch(cfg) }.w()?;
-            Ok(())
+            let split = gemv_split(k / vec, n, 2 * self.sms);
+            let (f, resident) = &self.f.gemv[epi][bi];
+            let blocks = n.div_ceil(GEMV_WARPS / split).min(*resident);
+            let args = Args::default().ptr(xin).ptr(wt).ptr(bias).ptr(y).u32(k).u32(n).ptr(ln[0]).ptr(ln[1]).f32(w.eps);
+            let args = args.ptr(ptrs).u32(n_layer).u32(layer).ptr(pos).ptr(caps).u32(hs).u32(split).ptr(keys);
+            self.launch(f, (blocks, 1, 1), 32 * GEMV_WARPS, args, true)
         };
-        {
-            let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let mut l = s.launch_builder(&self.f.embed);
-            l.arg(&ids).arg(&pos).arg(&w.wte).arg(&w.wpe).arg(&x).arg(&c);
-            // SAFETY: ids < vocab and positions < n_positions (checked by forward_batch); x is (rows, c).
-            unsafe { l.launch(cfg) }.w()?;
-        }
+        // ids < vocab and positions < n_positions (checked by forward_batch); x is (rows, c). The
+        // step's first kernel: after the one before it in the stream, whatever that was.
+        let args = Args::default().ptr(ids).ptr(pos).ptr(w.wte).ptr(w.wpe).ptr(x).u32(c);
+        self.launch(&self.f.embed, (rows, 1, 1), 256, args, false)?;
         let (qkv_e, resid_e, gelu_e, logits_e) = (0, 1, 2, 3);
         let none = [0u64; 2];
         for (i, lw) in w.layers.iter().enumerate() {
             let layer = i as u32;
             gemv(qkv_e, x, lw.attn_w, lw.attn_b, qkv, c, 3 * c, lw.ln_1, layer)?;
             let n_split = if split { b.n_split } else { 1 };
-            let cfg = LaunchConfig { grid_dim: (rows, nh, n_split), block_dim: (DEC_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let mut l = s.launch_builder(&self.f.attend);
-            l.arg(&qkv).arg(&att).arg(&c).arg(&hs).arg(&lw.scale).arg(&ptrs).arg(&n_layer).arg(&layer);
-            l.arg(&pos).arg(&caps).arg(&part).arg(&counters).arg(&n_split);
-            // SAFETY: reads qkv and each row's cache up to its position; writes att (rows, c)
-            // and, split, part (sized for (rows, n_head, n_split)) and the (rows, n_head) counters.
-            unsafe { l.launch(cfg) }.w()?;
+            // Reads qkv and each row's cache up to its position; writes att (rows, c) and, split,
+            // part (sized for (rows, n_head, n_split)) and the (rows, n_head) counters.
+            let args = Args::default().ptr(qkv).ptr(att).u32(c).u32(hs).f32(lw.scale).ptr(ptrs).u32(n_layer).u32(layer);
+            let args = args.ptr(pos).ptr(caps).ptr(part).ptr(counters).u32(n_split);
+            self.launch(&self.f.attend, (rows, nh, n_split), DEC_THREADS, args, true)?;
             gemv(resid_e, att, lw.proj_w, lw.proj_b, x, c, c, none, layer)?;
             gemv(gelu_e, x, lw.fc_w, lw.fc_b, fc, c, inner, lw.ln_2, layer)?;
             gemv(resid_e, fc, lw.mlp_w, lw.mlp_b, x, inner, c, none, layer)?;
         }
-        gemv(logits_e, x, w.lm_head, 0, logits, c, v, w.ln_f, 0)
+        gemv(logits_e, x, w.lm_head, 0, logits, c, v, w.ln_f, 0)?;
+        // keys (rows) to ids (rows), keys zeroed.
+        let args = Args::default().ptr(keys).ptr(greedy).u32(rows);
+        self.launch(&self.f.argmax, (1, 1, 1), 32, args, true)
     }
 }

@@ -739,9 +739,13 @@ impl<'m, 'c> Scheduler<'m, 'c> {
             return Ok(());
         }
         let logits = step.logits.as_ref().ok_or_else(|| Error::InvalidInput("the step returned no logits".into()))?;
-        // Off the CPU the argmax of rows left on the device runs there and only the ids cross.
+        // Off the CPU the argmax of rows left on the device runs there (kvgpt's CUDA decode step
+        // took it with the logits) and only the ids cross.
         let device_argmax: Option<Vec<u32>> = match rows.iter().any(|&(_, row)| host.and_then(|h| h.row(row)).is_none()) {
-            true => Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
+            true => Some(match &step.greedy {
+                Some(ids) => ids.to_vec1::<u32>()?,
+                None => logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
+            }),
             false => None,
         };
         let model = self.model;

@@ -42,6 +42,9 @@ pub struct Segment<'a> {
 pub struct StepLogits {
     pub logits: Option<Tensor>,
     pub rows: Vec<Range<usize>>,
+    /// Each row's greedy id (R,) in u32, the first largest logit, where the step took it on the
+    /// device already (kvgpt's CUDA decode step); else None.
+    pub greedy: Option<Tensor>,
 }
 
 struct Block {
@@ -291,6 +294,18 @@ impl Gpt2 {
         }
     }
 
+    /// Turns programmatic dependent launch of the CUDA decode step's kernels off or back on
+    /// (where the build allows it: `cuda::step::pdl_allowed`); returns whether it is on now, or
+    /// None where the model has only candle's path.
+    #[cfg(feature = "cuda")]
+    pub fn set_cuda_pdl(&self, on: bool) -> Option<bool> {
+        self.decode.as_ref().map(|d| {
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.set_pdl(on);
+            d.pdl()
+        })
+    }
+
     pub fn config(&self) -> &Gpt2Config {
         &self.cfg
     }
@@ -372,8 +387,9 @@ impl Gpt2 {
         if let Some(decode) = &self.decode {
             if segs.iter().all(|s| s.ids.len() == 1 && s.logits == Logits::Last) {
                 let mut decode = decode.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(logits) = decode.run(segs)? {
-                    return Ok(StepLogits { logits: Some(logits), rows: (0..segs.len()).map(|i| i..i + 1).collect() });
+                if let Some((logits, greedy)) = decode.run(segs)? {
+                    let rows = (0..segs.len()).map(|i| i..i + 1).collect();
+                    return Ok(StepLogits { logits: Some(logits), rows, greedy: Some(greedy) });
                 }
             }
         }
@@ -436,12 +452,12 @@ impl Gpt2 {
             }
         }
         if wanted.is_empty() {
-            return Ok(StepLogits { logits: None, rows: out });
+            return Ok(StepLogits { logits: None, rows: out, greedy: None });
         }
         let x = x.index_select(&Tensor::new(wanted.as_slice(), &self.device)?, 0)?; // (R, C)
         let x = self.ln_f.forward(&x)?;
         let logits = self.lm_head.forward(&x, &plan)?.to_dtype(DType::F32)?; // (R, vocab)
-        Ok(StepLogits { logits: Some(logits), rows: out })
+        Ok(StepLogits { logits: Some(logits), rows: out, greedy: None })
     }
 
     /// Runs `ids` (1, T) of one sequence, whose first position is `pos`. With a cache, the new
