@@ -17,6 +17,11 @@
 #   bash bench/gpu/issue12.sh profile carry [".gpu"]: Nsight Compute's duration of every kernel
 #       of 12-token f16 generations through the graph from prompts of 8 and 600 tokens
 #       (ncu-graph-f16-ctx*.csv; docs/bench/issue12/ncu-summary.txt is one replayed step of each).
+#   bash bench/gpu/issue12.sh all     carry [".gpu", ".gpu-llama"]: `bench` in one call from a cold
+#       machine (when two back to back cannot be had): llama.cpp builds in the background on cores
+#       4-15 while kvgpt's parts (step.js, throughput.js) run pinned to cores 0-3, then HF's static
+#       cache and llama-bench run alone once the build is done. No ncu count (the `steps` call
+#       counts the kernels of a step) and no Rust suites (`check` or `steps` run them).
 #   bash bench/gpu/issue12.sh steps   carry [".gpu-tests"]: the decode-step tests alone (every
 #       path's step time on GPT-2 small), then Nsight Compute's duration of every kernel of one
 #       replayed step at contexts 8 and 1000, from the test binary (ncu-step-ctx*.csv).
@@ -90,6 +95,36 @@ profile() {
   done
 }
 
+# pin CORES CMD...: CMD on those cores (where taskset exists)
+pin() {
+  local cores=$1
+  shift
+  if command -v taskset >/dev/null; then taskset -c "$cores" "$@"; else "$@"; fi
+}
+
+all() {
+  . "$ROOT/bench/gpu/setup.sh" issue12.log
+  local src=/tmp/llama.cpp
+  mkdir -p "$src" && tar -xJf "$ROOT/.gpu-llama/llama-src.tar.xz" -C "$src" || return 1
+  LLAMA_JOBS=12 setsid nohup bash -c "$(declare -f pin); pin 4-15 bash bench/gpu/llama.sh build" > /tmp/llama-build.log 2>&1 < /dev/null &
+  echo "== 0. the checkpoint and its GGUFs (cores 0-3; llama.cpp builds on 4-15)"
+  pin 0-3 bash "$ROOT/bench/gpu/llama.sh" model || return 1
+  cd "$PAYLOAD/repo"
+  echo "== 1. kvgpt: decode per token through each path, batch 1, and 1-8 at once (cores 0-3)"
+  KVGPT_BENCH_MODEL=/tmp/gpt2-small-random pin 0-3 /tmp/node bench/gpu/step.js "$OUT/kvgpt-step.json"
+  echo "== 2. kvgpt's batching table, f16 (cores 0-3)"
+  KVGPT_FIXTURES="$FIXTURES" pin 0-3 /tmp/node bench/gpu/throughput.js "$OUT/kvgpt-throughput.json"
+  cd "$ROOT"
+  echo "== waiting for llama.cpp's build ($SECONDS s into the call)"
+  while pgrep -f "llama.sh build" >/dev/null && [ "$SECONDS" -lt 480 ]; do sleep 3; done
+  tail -4 /tmp/llama-build.log
+  echo "== 3. llama.cpp llama-bench ($SECONDS s)"
+  bash bench/gpu/llama.sh bench "$OUT/llama.json"
+  echo "== 4. HF transformers, static cache ($SECONDS s)"
+  HF_PARTS=static PYTHONUNBUFFERED=1 python3 bench/gpu/hf_gpu.py "$OUT/hf-static.json" 2>&1 | grep -v -i warn
+  echo "done ($SECONDS s)"
+}
+
 steps() {
   exec > >(tee "$OUT/steps.log") 2>&1
   for f in .gpu-tests/*.xz; do xz -dkf "$f"; chmod +x "${f%.xz}"; done
@@ -123,5 +158,6 @@ case "${1:-}" in
   bench) bench ;;
   profile) profile ;;
   steps) steps ;;
-  *) echo "usage: issue12.sh check | bench | profile | steps" >&2; exit 2 ;;
+  all) all ;;
+  *) echo "usage: issue12.sh check | bench | profile | steps | all" >&2; exit 2 ;;
 esac
