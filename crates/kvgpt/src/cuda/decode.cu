@@ -93,6 +93,13 @@ __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
+// The sum of v over the warp's 32 lanes, in every lane.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
 #define GEMV_WARPS 8
 #define GEMV_CH 4  // 16-byte chunks of W a lane holds in registers at once
 
@@ -159,27 +166,20 @@ __device__ void gemv(const T *x, const T *__restrict__ w, const T *__restrict__ 
   if (LN) {
     // Warp w takes rows w, w + GEMV_WARPS, ...: the mean, then the variance about it.
     for (uint32_t r = warp; r < NR; r += GEMV_WARPS) {
-      float s = 0.f;
+      // the sum of f over row r's elements, in every lane
+      auto row_sum = [&](auto f) {
+        float s = 0.f;
 #pragma unroll 4
-      for (uint32_t i = lane; i < k4; i += 32) {
-        float xf[V];
-        Vec16<T>::load(x4[(uint64_t)r * k4 + i], xf);
+        for (uint32_t i = lane; i < k4; i += 32) {
+          float xf[V];
+          Vec16<T>::load(x4[(uint64_t)r * k4 + i], xf);
 #pragma unroll
-        for (int e = 0; e < V; e++) s += xf[e];
-      }
-#pragma unroll
-      for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-      const float m = s / k;
-      float q = 0.f;
-#pragma unroll 4
-      for (uint32_t i = lane; i < k4; i += 32) {
-        float xf[V];
-        Vec16<T>::load(x4[(uint64_t)r * k4 + i], xf);
-#pragma unroll
-        for (int e = 0; e < V; e++) q += (xf[e] - m) * (xf[e] - m);
-      }
-#pragma unroll
-      for (int d = 16; d > 0; d >>= 1) q += __shfl_xor_sync(0xffffffffu, q, d);
+          for (int e = 0; e < V; e++) s += f(xf[e]);
+        }
+        return warp_sum(s);
+      };
+      const float m = row_sum([](float v) { return v; }) / k;
+      const float q = row_sum([m](float v) { return (v - m) * (v - m); });
       if (lane == 0) {
         mean[r] = m;
         rstd[r] = rsqrtf(q / k + eps);
@@ -230,10 +230,7 @@ __device__ void gemv(const T *x, const T *__restrict__ w, const T *__restrict__ 
     }
     if (BIAS && lane < NR && o + stride < n) bias_next = to_f(bias[o + stride]);
 #pragma unroll
-    for (int r = 0; r < NR; r++) {
-#pragma unroll
-      for (int d = 16; d > 0; d >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], d);
-    }
+    for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
     // The split warps' sums, added in slice order.
     if (split > 1) {
       if (lane == 0) {
